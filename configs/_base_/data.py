@@ -1,0 +1,19 @@
+# Stage `data`: the image set every later stage reads.
+data = dict(
+    source='partsworld',  # 'partsworld' | 'coco' | 'imagenet_folder'
+    # The generated Parts World data set (partdistill/data/partsworld.py).
+    partsworld=dict(
+        images=96,
+        seed=0,
+        width=256,
+        height=192,
+        val_fraction=0.25,
+        min_instances=2,
+        max_instances=5,
+        shard_size=32,    # images per resumable shard
+    ),
+    # A COCO instance JSON (the paper's "GT object" setting when used with `instances.source='gt'`).
+    coco=dict(root=None, instances=None, parts=None),
+    # An ImageNet-style folder, root/<class>/<image>; the folder name is the image's class.
+    imagenet_folder=dict(root=None, extensions=['.jpg', '.jpeg', '.png', '.JPEG']),
+)

@@ -1,0 +1,3 @@
+from partdistill.cli import main
+
+main()

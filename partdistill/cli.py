@@ -1,0 +1,159 @@
+"""The `partdistill` command line."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from partdistill.config import ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="PartDistillation as a staged, resumable pipeline.")
+console = Console(stderr=True)
+
+DEFAULT_CONFIG = "configs/demo_partsworld.py"
+EXIT_CONFIG, EXIT_NOT_BUILT, EXIT_VERIFY = 2, 3, 4
+
+ConfigArg = Annotated[Path, typer.Argument(help="mmengine Python config, e.g. configs/demo_partsworld.py")]
+StoreOpt = Annotated[str | None, typer.Option("--store", help="artifact store root (default: runtime.store)")]
+OptionsOpt = Annotated[list[str] | None, typer.Option(
+    "--cfg-options", "-o", help="override a setting, key=value (repeatable), e.g. -o mining.k=6")]
+
+
+def _load(config: Path, cfg_options: list[str] | None) -> dict:
+    try:
+        return load_config(config, cfg_options)
+    except ConfigError as err:
+        console.print(f"[red]config error:[/red] {err}")
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+@app.command()
+def run(
+    config: ConfigArg = Path(DEFAULT_CONFIG),
+    until: Annotated[str | None, typer.Option(help="run the stages up to and including this one")] = None,
+    only: Annotated[str | None, typer.Option(help="run just this stage (its inputs must exist)")] = None,
+    store: StoreOpt = None,
+    cfg_options: OptionsOpt = None,
+    engine: Annotated[str, typer.Option(help="'prefect' (a flow run, ephemeral API unless "
+                                             "PREFECT_API_URL is set) or 'local' (a plain loop)")] = "prefect",
+) -> None:
+    """Run the pipeline; stages whose artifact version is complete are skipped."""
+    from partdistill import pipeline
+    from partdistill.progress import RichProgress
+
+    cfg = _load(config, cfg_options)
+    try:
+        pipeline.select(pipeline.plan(cfg), until, only)
+    except pipeline.PipelineError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(EXIT_CONFIG) from None
+    start = time.monotonic()
+    try:
+        if engine == "local":
+            outcomes = [o.as_dict() for o in pipeline.run_pipeline(
+                cfg, pipeline.store_for(cfg, store), until, only, RichProgress())]
+        elif engine == "prefect":
+            from partdistill.flows import pipeline as flows
+
+            flows.TERMINAL_PROGRESS = RichProgress()
+            console.print("[dim]starting a Prefect flow run (the ephemeral API server may take a while "
+                          "to start on a busy machine)[/dim]")
+            outcomes = flows.pipeline_flow(str(config), until, only, store, cfg_options)
+        else:
+            console.print(f"[red]--engine must be 'prefect' or 'local', got {engine!r}[/red]")
+            raise typer.Exit(EXIT_CONFIG)
+    except NotImplementedError as err:
+        console.print(f"\n[yellow]Pipeline stopped: {err}[/yellow]")
+        _print_status(cfg, store)
+        raise typer.Exit(EXIT_NOT_BUILT) from None
+    except pipeline.PipelineError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    for o in outcomes:
+        console.print(f"  {o['stage']:<10} {o['version']}  {o['state']:<9} {o['seconds']:6.1f} s  {o['path']}")
+    console.print(f"done in {time.monotonic() - start:.1f} s")
+
+
+def _print_status(cfg: dict, store: str | None) -> None:
+    from partdistill import pipeline
+
+    st = pipeline.store_for(cfg, store)
+    table = Table(title=f"artifact store {st.root.resolve()}")
+    for col in ("stage", "version", "state", "size", "files", "created"):
+        table.add_column(col)
+    for row in pipeline.status(cfg, st):
+        size = _human(row["bytes"]) if row["bytes"] is not None else ""
+        colour = {"complete": "green", "missing": "dim", "not built yet": "yellow"}.get(row["state"], "cyan")
+        table.add_row(row["stage"], row["version"], f"[{colour}]{row['state']}[/{colour}]", size,
+                      str(row["files"] or ""), row["created"] or "")
+    Console().print(table)
+
+
+@app.command()
+def status(config: ConfigArg = Path(DEFAULT_CONFIG), store: StoreOpt = None, cfg_options: OptionsOpt = None) -> None:
+    """A table of the config's stages: version, state, size and creation time in the store."""
+    _print_status(_load(config, cfg_options), store)
+
+
+@app.command()
+def verify(
+    store: Annotated[Path, typer.Option("--store", help="artifact store root")] = Path("store"),
+    stage: Annotated[str | None, typer.Option(help="only this stage")] = None,
+) -> None:
+    """Check every artifact's files against its manifest checksums."""
+    from partdistill.storage import ArtifactStore
+
+    st = ArtifactStore(store)
+    problems = st.verify(stage)
+    n = sum(len(st.versions(s)) for s in ([stage] if stage else st.stages()))
+    for p in problems:
+        console.print(f"[red]{p}[/red]")
+    if problems:
+        console.print(f"[red]{len(problems)} problem(s) in {n} artifact(s) under {store}[/red]")
+        raise typer.Exit(EXIT_VERIFY)
+    Console().print(f"{n} artifact(s) under {store} verified: every file matches its manifest")
+
+
+@app.command()
+def partsworld(
+    out: Annotated[Path, typer.Option(help="output folder")],
+    images: Annotated[int, typer.Option(help="number of images")] = 64,
+    seed: Annotated[int, typer.Option(help="random seed; same seed, same bytes")] = 0,
+    width: Annotated[int, typer.Option()] = 256,
+    height: Annotated[int, typer.Option()] = 192,
+) -> None:
+    """Write the synthetic Parts World data set (images, object JSON, part JSON, splits)."""
+    from rich.progress import Progress
+
+    from partdistill.data import partsworld as pw
+
+    cfg = pw.PartsWorldConfig(images=images, seed=seed, width=width, height=height)
+    with Progress(console=console) as progress:
+        tid = progress.add_task("rendering Parts World", total=images)
+        summary = pw.write_partsworld(out, cfg, progress=lambda n: progress.update(tid, completed=n))
+    pw.preview(out, out / "preview.png", n=min(6, images))
+    Console().print(summary)
+    Console().print(f"wrote {out} (preview: {out / 'preview.png'})")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

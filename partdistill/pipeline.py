@@ -1,0 +1,171 @@
+"""Planning and running stages against the store, with no orchestrator in the way.
+
+``plan`` turns a merged config into stage versions; ``run_stage`` runs one stage unless its
+version is already complete. The Prefect flow (``partdistill.flows.pipeline``) calls exactly
+these, one task per stage; ``run_pipeline`` calls them in a plain loop for notebooks and tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import partdistill
+from partdistill.progress import NullProgress, ProgressSink
+from partdistill.stages import STAGES, StageContext
+from partdistill.storage import ArtifactNotFound, ArtifactStore, content_version
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    name: str
+    version: str
+    inputs: dict[str, str]   # upstream stage → version
+    config: dict[str, Any]   # the stage's config section
+    code_version: str
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    version: str
+    state: str               # "computed" | "skipped" (already complete) | "reused" (another run made it)
+    path: str
+    seconds: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan(cfg: Mapping[str, Any]) -> list[PlannedStage]:
+    """Every stage with its version, in run order. Versions chain: a stage's version hashes its
+    upstream versions, so a config change reaches everything downstream and nothing upstream."""
+    versions: dict[str, str] = {}
+    planned = []
+    for name, stage in STAGES.items():
+        if name not in cfg:
+            raise PipelineError(f"config has no section '{name}' (stage {name})")
+        inputs = {up: versions[up] for up in stage.upstream}
+        section = dict(cfg[name])
+        versions[name] = content_version(name, section, inputs, stage.code_version)
+        planned.append(PlannedStage(name, versions[name], inputs, section, stage.code_version))
+    return planned
+
+
+def select(planned: list[PlannedStage], until: str | None = None, only: str | None = None) -> list[PlannedStage]:
+    names = [p.name for p in planned]
+    for opt, value in (("--until", until), ("--only", only)):
+        if value is not None and value not in names:
+            raise PipelineError(f"{opt} {value!r}: no such stage; stages are {', '.join(names)}")
+    if until and only:
+        raise PipelineError("give --until or --only, not both")
+    if only:
+        return [p for p in planned if p.name == only]
+    if until:
+        return planned[: names.index(until) + 1]
+    return list(planned)
+
+
+def store_for(cfg: Mapping[str, Any], store: str | Path | None = None) -> ArtifactStore:
+    return ArtifactStore(store if store is not None else cfg.get("runtime", {}).get("store", "store"))
+
+
+@functools.lru_cache(maxsize=1)
+def code_info() -> dict[str, Any]:
+    """What code made an artifact: package version, git commit (and whether it was dirty)."""
+    info: dict[str, Any] = {"package": partdistill.__version__, "python": platform.python_version()}
+    repo = Path(partdistill.__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        info["git_commit"], info["git_dirty"] = commit, bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+def run_stage(
+    store: ArtifactStore,
+    planned: PlannedStage,
+    cfg: Mapping[str, Any],
+    progress: ProgressSink | None = None,
+    on_wait: Callable[[str], None] | None = None,
+) -> StageOutcome:
+    """Run one stage unless its version is complete. Upstream artifacts must exist."""
+    stage = STAGES[planned.name]
+    path = str(store.path(planned.name, planned.version))
+    if store.is_complete(planned.name, planned.version):
+        return StageOutcome(planned.name, planned.version, "skipped", path,
+                            summary=store.open(planned.name, planned.version).manifest.get("summary", {}))
+    inputs = {}
+    for up, version in planned.inputs.items():
+        try:
+            artifact = store.open(up, version)
+        except ArtifactNotFound as err:
+            raise PipelineError(
+                f"stage '{planned.name}' needs {up}/{version}, which is not in {store.root}; "
+                f"run the pipeline up to '{up}' first (without --only)"
+            ) from err
+        hidden = () if stage.reads_evaluation_only else artifact.manifest.get("evaluation_only", ())
+        inputs[up] = artifact.restricted(hidden)
+
+    runtime = cfg.get("runtime", {})
+    start = time.monotonic()
+    with store.writer(planned.name, planned.version, planned.config, planned.inputs, planned.code_version,
+                      lock_timeout=runtime.get("lock_timeout"), on_wait=on_wait) as writer:
+        if writer is None:
+            return StageOutcome(planned.name, planned.version, "reused", path,
+                                summary=store.open(planned.name, planned.version).manifest.get("summary", {}))
+        ctx = StageContext(planned.name, planned.version, planned.config, dict(cfg), inputs, writer,
+                           progress or NullProgress())
+        summary = stage.run(ctx) or {}
+        writer.commit(cfg, extra={
+            "summary": summary,
+            "evaluation_only": list(stage.evaluation_only_outputs),
+            "code": code_info(),
+        })
+    return StageOutcome(planned.name, planned.version, "computed", path, time.monotonic() - start, summary)
+
+
+def run_pipeline(
+    cfg: Mapping[str, Any],
+    store: ArtifactStore | None = None,
+    until: str | None = None,
+    only: str | None = None,
+    progress: ProgressSink | None = None,
+) -> list[StageOutcome]:
+    """Run the selected stages in order in this process (no Prefect)."""
+    store = store or store_for(cfg)
+    return [run_stage(store, p, cfg, progress) for p in select(plan(cfg), until, only)]
+
+
+def status(cfg: Mapping[str, Any], store: ArtifactStore) -> list[dict[str, Any]]:
+    """One row per planned stage: version, state, size, creation time."""
+    rows = []
+    for p in plan(cfg):
+        row: dict[str, Any] = {"stage": p.name, "version": p.version, "state": "missing", "bytes": None,
+                               "created": None, "files": None}
+        if store.is_complete(p.name, p.version):
+            a = store.open(p.name, p.version)
+            row.update(state="complete", bytes=a.bytes, created=a.manifest["created"], files=len(a.files))
+        elif p.version in store.partial_versions(p.name):
+            shards = store.partial_path(p.name, p.version) / "_shards"
+            n = len(list(shards.glob("*.json"))) if shards.exists() else 0
+            row.update(state=f"partial ({n} shards done)")
+        elif STAGES[p.name].run.__doc__ and STAGES[p.name].run.__doc__.startswith("Not built yet"):
+            row.update(state="not built yet")
+        rows.append(row)
+    return rows

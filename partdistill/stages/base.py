@@ -1,0 +1,52 @@
+"""What a stage is: a plain function of (config section, input artifacts, output writer).
+
+Stages import no Prefect, so they run the same from the CLI, from flows, notebooks and tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from partdistill.progress import NullProgress, ProgressSink
+from partdistill.storage import Artifact, ArtifactWriter
+
+
+@dataclass
+class StageContext:
+    stage: str
+    version: str
+    config: dict[str, Any]          # the stage's own config section (what its version hashes)
+    full_config: dict[str, Any]     # the whole merged config, for runtime settings
+    inputs: dict[str, Artifact]     # upstream stage name → its committed artifact
+    writer: ArtifactWriter          # write files under writer.path; mark shards as they finish
+    progress: ProgressSink = field(default_factory=NullProgress)
+
+    @property
+    def runtime(self) -> dict[str, Any]:
+        return self.full_config.get("runtime", {})
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    upstream: tuple[str, ...]
+    # Bump when a change to the stage's code changes what it writes: it is part of the version.
+    code_version: str
+    run: Callable[[StageContext], dict[str, Any] | None]
+    # Files of upstream artifacts this stage may read although they are evaluation-only.
+    reads_evaluation_only: bool = False
+    # Files this stage writes that only evaluation may read (part ground truth).
+    evaluation_only_outputs: tuple[str, ...] = ()
+    summary: str = ""
+
+
+def not_built(stage: str, missing: str) -> Callable[[StageContext], None]:
+    """The ``run`` of a stage that a later issue builds: it fails, clearly, and writes nothing."""
+
+    def run(ctx: StageContext) -> None:
+        raise NotImplementedError(f"stage '{stage}' is not built yet: {missing}")
+
+    run.__doc__ = f"Not built yet: {missing}"
+    return run

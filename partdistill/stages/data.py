@@ -1,0 +1,74 @@
+"""Stage `data`: the image set every later stage reads.
+
+Reads: nothing. Writes (source 'partsworld'):
+
+- ``images/{index:06d}.png``                      RGB images
+- ``images.parquet``                              image_id:int64, file_name:str, split:str, width:int32, height:int32
+- ``instances_{train,val}.json``                  COCO instance JSON of objects only (what a teacher may learn from)
+- ``parts_{train,val}.json``                      PartImageNet-style part JSON — evaluation only
+- ``splits.json``                                 {"train": [file names], "val": [file names]}
+- ``preview.png``                                 images beside their object and part masks, for people
+
+The part files are listed as evaluation-only in the manifest, and every stage but `evaluate`
+gets a view of this artifact that refuses to open them. Images are rendered in shards, each
+with a completion marker, so a killed run resumes at its first unfinished shard.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from partdistill.stages.base import Stage, StageContext
+from partdistill.storage import write_parquet
+
+PART_FILES = ("parts_train.json", "parts_val.json")
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    source = ctx.config["source"]
+    if source == "partsworld":
+        return _partsworld(ctx)
+    raise NotImplementedError(
+        f"data.source={source!r} is not built yet: COCO-JSON and ImageNet-style folder image sets "
+        "come with the `instances` stage (issue #3); use source='partsworld'"
+    )
+
+
+def _partsworld(ctx: StageContext) -> dict[str, Any]:
+    from partdistill.data import partsworld as pw
+
+    settings = dict(ctx.config["partsworld"])
+    shard_size = int(settings.pop("shard_size"))
+    cfg = pw.PartsWorldConfig(**settings)
+    out, writer = ctx.writer.path, ctx.writer
+    shards = [range(i, min(i + shard_size, cfg.images)) for i in range(0, cfg.images, shard_size)]
+    names = [f"images-{i:05d}" for i in range(len(shards))]
+
+    with ctx.progress.task("data: rendering Parts World", total=cfg.images) as bar:
+        for name, indices in zip(names, shards, strict=True):
+            if not writer.shard_done(name):
+                fragment = pw.generate_shard(cfg, indices, out)
+                writer.complete_shard(name, [f"images/{i:06d}.png" for i in indices], meta=fragment)
+            bar.advance(len(indices))
+
+    fragments = [writer.shard_meta(name) for name in names]
+    for file_name, obj in pw.assemble(cfg, fragments).items():
+        pw.write_json(out / file_name, obj)
+    images = sorted((img for frag in fragments for img in frag["images"]), key=lambda im: im["id"])
+    write_parquet(out / "images.parquet", {
+        "image_id": [im["id"] for im in images],
+        "file_name": [im["file_name"] for im in images],
+        "split": [im["split"] for im in images],
+        "width": [im["width"] for im in images],
+        "height": [im["height"] for im in images],
+    })
+    pw.preview(out, out / "preview.png", n=min(6, cfg.images))
+
+    splits = [im["split"] for im in images]
+    instances = sum(len(frag["instances"]) for frag in fragments)
+    parts = sum(len(frag["parts"]) for frag in fragments)
+    return {"images": len(images), "train_images": splits.count("train"), "val_images": splits.count("val"),
+            "object_instances": instances, "part_annotations": parts}
+
+
+STAGE = Stage("data", (), "1", run, evaluation_only_outputs=PART_FILES, summary="image set")
