@@ -34,7 +34,7 @@ build_mmcv() {
   local log="$LOGS/mmcv-build.log" start=$SECONDS pid done total
   say "installing $MMCV_SPEC with compiled ops: about 33 minutes on 2 cores the first time on a"
   say "machine, seconds once pip has the wheel cached. Full log: $log"
-  MMCV_WITH_OPS=1 MAX_JOBS=$(nproc) "$VENV/bin/pip" install -v --no-build-isolation "$MMCV_SPEC" >"$log" 2>&1 &
+  MMCV_WITH_OPS=1 MAX_JOBS=$(nproc) "$VENV/bin/pip" install -v --no-build-isolation --no-deps "$MMCV_SPEC" >"$log" 2>&1 &
   pid=$!
   while kill -0 "$pid" 2>/dev/null; do
     sleep 20

@@ -56,7 +56,10 @@ def pipeline_flow(
 ) -> list[dict[str, Any]]:
     """Run the pipeline's stages in order; complete stage versions are skipped."""
     cfg = load_config(config, cfg_options)
-    return [stage_task(planned, cfg, store) for planned in select(plan(cfg), until, only)]
+    # return_state: a skipped stage's task returns a "Cached" state, which a plain call would
+    # hand back unresolved; .result() also re-raises a failed stage's error, stopping the flow.
+    return [stage_task(planned, cfg, store, return_state=True).result()
+            for planned in select(plan(cfg), until, only)]
 
 
 def _summary_markdown(result: dict[str, Any]) -> str:

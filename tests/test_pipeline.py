@@ -1,0 +1,69 @@
+import pytest
+
+from partdistill.config import load_config
+from partdistill.pipeline import PipelineError, plan, run_pipeline, select, status, store_for
+from partdistill.stages import STAGES
+from tests.conftest import DEMO_CONFIG
+
+# One setting per stage section to flip.
+CHANGES = {
+    "data": {"data.partsworld.seed": 1},
+    "teacher": {"teacher.train.max_iters": 7},
+    "instances": {"instances.score_threshold": 0.25},
+    "features": {"features.stride": 16},
+    "mining": {"mining.k": 6},
+    "proposals": {"proposals.rounds": 3},
+    "ranking": {"ranking.k": 5},
+    "distill": {"distill.rounds": 2},
+    "evaluate": {"evaluate.split": "train"},
+}
+
+
+def _downstream(name):
+    out = {name}
+    for s in STAGES.values():  # registration order is topological
+        if out & set(s.upstream):
+            out.add(s.name)
+    return out
+
+
+@pytest.mark.parametrize("changed", list(CHANGES))
+def test_config_change_reaches_downstream_only(changed):
+    before = {p.name: p.version for p in plan(load_config(DEMO_CONFIG))}
+    after = {p.name: p.version for p in plan(load_config(DEMO_CONFIG, CHANGES[changed]))}
+    moved = {n for n in before if before[n] != after[n]}
+    assert moved == _downstream(changed)
+    assert changed in moved
+
+
+def test_runtime_settings_change_no_version():
+    before = [p.version for p in plan(load_config(DEMO_CONFIG))]
+    after = [p.version for p in plan(load_config(DEMO_CONFIG, {"runtime.store": "/elsewhere",
+                                                                 "runtime.num_workers": 7}))]
+    assert before == after
+
+
+def test_select():
+    planned = plan(load_config(DEMO_CONFIG))
+    assert [p.name for p in select(planned, until="instances")] == ["data", "teacher", "instances"]
+    assert [p.name for p in select(planned, only="mining")] == ["mining"]
+    assert len(select(planned)) == len(STAGES)
+    with pytest.raises(PipelineError, match="no such stage"):
+        select(planned, until="minning")
+    with pytest.raises(PipelineError, match="not both"):
+        select(planned, until="data", only="data")
+
+
+def test_only_needs_its_inputs(tiny_cfg):
+    with pytest.raises(PipelineError, match="needs data/.* run the pipeline up to 'data' first"):
+        run_pipeline(tiny_cfg, only="teacher")
+
+
+def test_unbuilt_stage_fails_clearly_and_writes_nothing(tiny_cfg):
+    store = store_for(tiny_cfg)
+    run_pipeline(tiny_cfg, until="data")
+    with pytest.raises(NotImplementedError, match="stage 'teacher' is not built yet: needs"):
+        run_pipeline(tiny_cfg, only="teacher")
+    assert store.versions("teacher") == [] and store.partial_versions("teacher") == []
+    states = {r["stage"]: r["state"] for r in status(tiny_cfg, store)}
+    assert states["data"] == "complete" and states["teacher"] == "not built yet"
