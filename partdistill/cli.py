@@ -87,13 +87,13 @@ def _print_status(cfg: dict, store: str | None) -> None:
     st = pipeline.store_for(cfg, store)
     table = Table(title=f"artifact store {st.root.resolve()}")
     for col in ("stage", "version", "state", "size", "files", "created"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     for row in pipeline.status(cfg, st):
         size = _human(row["bytes"]) if row["bytes"] is not None else ""
         colour = {"complete": "green", "missing": "dim", "not built yet": "yellow"}.get(row["state"], "cyan")
         table.add_row(row["stage"], row["version"], f"[{colour}]{row['state']}[/{colour}]", size,
-                      str(row["files"] or ""), row["created"] or "")
-    Console().print(table)
+                      str(row["files"] or ""), (row["created"] or "")[:16].replace("T", " "))
+    Console(width=max(Console().width, 100)).print(table)
 
 
 @app.command()
