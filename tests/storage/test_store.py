@@ -183,7 +183,8 @@ def test_sigkill_mid_stage_then_resume(tmp_path):
 
 def test_lock_is_released_when_holder_is_killed(tmp_path):
     store = ArtifactStore(tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path), "60"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path), "60"],
+                              stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
