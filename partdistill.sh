@@ -14,6 +14,12 @@ SETUP_VERSION=1
 
 say() { printf '[partdistill setup] %s\n' "$*" >&2; }
 
+# pip here warns about local index folders that are absent; the noise hides what matters.
+quiet_pip() {
+  "$VENV/bin/pip" "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  return "${PIPESTATUS[0]}"
+}
+
 stamp() {
   { echo "$SETUP_VERSION $TORCH_SPEC $MMCV_SPEC"; cat pyproject.toml; } | sha256sum | cut -d' ' -f1
 }
@@ -61,8 +67,8 @@ ensure_env() {
     "$py" -m venv "$VENV"
   fi
   say "installing build tools and $TORCH_SPEC"
-  "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-  "$VENV/bin/pip" install -q "$TORCH_SPEC" 'setuptools<81' ninja wheel numpy
+  quiet_pip install -q --upgrade pip
+  quiet_pip install -q "$TORCH_SPEC" 'setuptools<81' ninja wheel numpy
   if "$VENV/bin/python" -c 'import mmcv, mmcv._ext; assert mmcv.__version__ == "2.1.0"' 2>/dev/null; then
     say "mmcv 2.1.0 with compiled ops is already installed"
   else
