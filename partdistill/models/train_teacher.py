@@ -1,0 +1,128 @@
+"""Training an mmdet teacher on a COCO instance JSON with mmengine's Runner.
+
+Used for the demo teacher (a small Mask2Former on Parts World objects). The Runner writes its
+checkpoints into ``work_dir``; a run killed mid-training resumes from the last of them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from partdistill.models.teacher import register_mmdet
+
+
+def training_config(
+    mmdet_config: str | Path,
+    data_root: str | Path,
+    ann_file: str,
+    class_names: Sequence[str],
+    work_dir: str | Path,
+    max_iters: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    image_size: tuple[int, int],
+    checkpoint_interval: int = 100,
+    num_workers: int = 0,
+):
+    """The teacher's model config plus data, schedule and runtime settings → an mmengine Config.
+
+    image_size is (height, width): training crops to it after a large-scale jitter, as the
+    reference's LSJ augmentation does, but at the data set's own scale instead of 1024²."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(mmdet_config))
+    h, w = image_size
+    train_pipeline = [
+        dict(type="LoadImageFromFile", to_float32=True),
+        dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+        dict(type="RandomFlip", prob=0.5),
+        dict(type="RandomResize", scale=(w, h), ratio_range=(0.6, 1.5), keep_ratio=True),
+        dict(type="RandomCrop", crop_size=(h, w), crop_type="absolute", recompute_bbox=True,
+             allow_negative_crop=True),
+        dict(type="FilterAnnotations", min_gt_bbox_wh=(1e-5, 1e-5), by_mask=True),
+        dict(type="PackDetInputs"),
+    ]
+    n_cls = len(class_names)
+    cfg.model.panoptic_head.num_things_classes = n_cls
+    cfg.model.panoptic_head.loss_cls.class_weight = [1.0] * n_cls + [0.1]
+    cfg.model.panoptic_fusion_head.num_things_classes = n_cls
+    embed = dict(lr_mult=1.0, decay_mult=0.0)
+    cfg.merge_from_dict(dict(
+        class_names=tuple(class_names),
+        work_dir=str(work_dir),
+        train_dataloader=dict(
+            batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0,
+            sampler=dict(type="InfiniteSampler", shuffle=True, seed=seed),
+            dataset=dict(type="CocoDataset", data_root=str(data_root), ann_file=ann_file,
+                         data_prefix=dict(img=""), metainfo=dict(classes=tuple(class_names)),
+                         filter_cfg=dict(filter_empty_gt=True, min_size=1), pipeline=train_pipeline)),
+        train_cfg=dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters + 1),
+        optim_wrapper=dict(
+            type="OptimWrapper",
+            optimizer=dict(type="AdamW", lr=lr, weight_decay=0.05, eps=1e-8, betas=(0.9, 0.999)),
+            clip_grad=dict(max_norm=0.01, norm_type=2),
+            paramwise_cfg=dict(custom_keys={"backbone": dict(lr_mult=0.1, decay_mult=1.0),
+                                            "query_embed": embed, "query_feat": embed, "level_embed": embed},
+                               norm_decay_mult=0.0)),
+        param_scheduler=[dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=min(50, max_iters)),
+                         dict(type="MultiStepLR", begin=0, end=max_iters, by_epoch=False,
+                              milestones=[int(max_iters * 0.8)], gamma=0.1)],
+        default_hooks=dict(
+            timer=dict(type="IterTimerHook"),
+            logger=dict(type="LoggerHook", interval=25, log_metric_by_epoch=False),
+            param_scheduler=dict(type="ParamSchedulerHook"),
+            checkpoint=dict(type="CheckpointHook", interval=checkpoint_interval, by_epoch=False,
+                            max_keep_ckpts=1, save_last=True),
+            sampler_seed=dict(type="DistSamplerSeedHook")),
+        log_processor=dict(type="LogProcessor", window_size=25, by_epoch=False),
+        env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+                     dist_cfg=dict(backend="gloo")),
+        randomness=dict(seed=seed, deterministic=False),
+        log_level="ERROR",
+        launcher="none",
+        resume=True,
+        load_from=None,
+    ))
+    for key in ("val_dataloader", "val_cfg", "val_evaluator", "test_dataloader", "test_cfg", "test_evaluator"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def train(cfg, on_iter: Callable[[int, float], None] | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Run the training loop; resumes from ``work_dir``'s last checkpoint. Returns the trained
+    model's state dict (CPU tensors) and the loss history."""
+    from mmengine.hooks import Hook
+    from mmengine.runner import Runner
+
+    register_mmdet()
+    losses: list[float] = []
+
+    class _Report(Hook):
+        priority = "VERY_LOW"
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            loss = float(outputs["loss"]) if outputs and "loss" in outputs else float("nan")
+            losses.append(loss)
+            if on_iter is not None:
+                on_iter(runner.iter + 1, loss)
+
+    cfg = copy.deepcopy(cfg)
+    if device == "cuda":
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+    runner = Runner.from_cfg(cfg)
+    runner.register_hook(_Report())
+    runner.train()
+    model = runner.model.module if hasattr(runner.model, "module") else runner.model
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {"state_dict": state, "losses": losses, "iters": runner.iter}
+
+
+def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """A plain {state_dict, meta} file of tensors and built-in types: loadable with weights_only."""
+    torch.save({"state_dict": state_dict, "meta": meta}, path)
