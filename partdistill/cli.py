@@ -54,21 +54,22 @@ def run(
     except pipeline.PipelineError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(EXIT_CONFIG) from None
+    if engine not in ("local", "prefect"):
+        console.print(f"[red]--engine must be 'prefect' or 'local', got {engine!r}[/red]")
+        raise typer.Exit(EXIT_CONFIG)
     start = time.monotonic()
     try:
-        if engine == "local":
-            outcomes = [o.as_dict() for o in pipeline.run_pipeline(
-                cfg, pipeline.store_for(cfg, store), until, only, RichProgress())]
-        elif engine == "prefect":
-            from partdistill.flows import pipeline as flows
+        with RichProgress() as progress:
+            if engine == "local":
+                outcomes = [o.as_dict() for o in pipeline.run_pipeline(
+                    cfg, pipeline.store_for(cfg, store), until, only, progress)]
+            else:
+                from partdistill.flows import pipeline as flows
 
-            flows.TERMINAL_PROGRESS = RichProgress()
-            console.print("[dim]starting a Prefect flow run (the ephemeral API server may take a while "
-                          "to start on a busy machine)[/dim]")
-            outcomes = flows.pipeline_flow(str(config), until, only, store, cfg_options)
-        else:
-            console.print(f"[red]--engine must be 'prefect' or 'local', got {engine!r}[/red]")
-            raise typer.Exit(EXIT_CONFIG)
+                flows.TERMINAL_PROGRESS = progress
+                console.print("[dim]starting a Prefect flow run (the ephemeral API server may take a while "
+                              "to start on a busy machine)[/dim]")
+                outcomes = flows.pipeline_flow(str(config), until, only, store, cfg_options)
     except NotImplementedError as err:
         console.print(f"\n[yellow]Pipeline stopped: {err}[/yellow]")
         _print_status(cfg, store)
@@ -77,7 +78,7 @@ def run(
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from None
     for o in outcomes:
-        console.print(f"  {o['stage']:<10} {o['version']}  {o['state']:<9} {o['seconds']:6.1f} s  {o['path']}")
+        console.print(f"  {o['stage']:<10} {o['version']}  {o['state']:<9} {o['seconds']:7.1f} s", soft_wrap=True)
     console.print(f"done in {time.monotonic() - start:.1f} s")
 
 

@@ -58,7 +58,8 @@ def plan(cfg: Mapping[str, Any]) -> list[PlannedStage]:
             raise PipelineError(f"config has no section '{name}' (stage {name})")
         inputs = {up: versions[up] for up in stage.upstream}
         section = dict(cfg[name])
-        versions[name] = content_version(name, section, inputs, stage.code_version)
+        hashed = {**section, "_fingerprint": stage.fingerprint(section)} if stage.fingerprint else section
+        versions[name] = content_version(name, hashed, inputs, stage.code_version)
         planned.append(PlannedStage(name, versions[name], inputs, section, stage.code_version))
     return planned
 

@@ -51,16 +51,25 @@ class RichProgress:
             TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
         )
 
+    def __enter__(self) -> RichProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Bar]:
-        with self._progress:
-            tid = self._progress.add_task(description, total=total)
+        # One live display for the whole run (see __enter__): restarting it per task would
+        # reprint every earlier bar.
+        self._progress.start()
+        tid = self._progress.add_task(description, total=total)
 
-            class _Bar:
-                def advance(_self, n: int = 1) -> None:
-                    self._progress.advance(tid, n)
+        class _Bar:
+            def advance(_self, n: int = 1) -> None:
+                self._progress.advance(tid, n)
 
-            yield _Bar()
+        yield _Bar()
 
 
 class CallbackProgress:

@@ -22,7 +22,10 @@ DEMO_CONFIG = REPO / "configs" / "demo_partsworld.py"
 def tiny_options() -> dict:
     """Overrides that make the demo config's Parts World tiny (12 images in 3 shards)."""
     return {"data.partsworld.images": 12, "data.partsworld.width": 128, "data.partsworld.height": 96,
-            "data.partsworld.shard_size": 4}
+            "data.partsworld.shard_size": 4,
+            # a teacher that trains for a few iterations only: the tests check plumbing, not quality
+            "teacher.train.max_iters": 3, "teacher.train.batch_size": 2, "teacher.train.image_size": [96, 128],
+            "teacher.train.checkpoint_interval": 2}
 
 
 @pytest.fixture
@@ -32,3 +35,15 @@ def tiny_cfg(tiny_options, tmp_path):
     cfg = load_config(DEMO_CONFIG, tiny_options)
     cfg["runtime"]["store"] = str(tmp_path / "store")
     return cfg
+
+
+@pytest.fixture
+def unbuilt_teacher(monkeypatch):
+    """Make `teacher` behave as a stage that is not built yet, so the tests of that behaviour
+    don't depend on which stages happen to be built."""
+    from partdistill.stages import STAGES, Stage, not_built
+
+    real = STAGES["teacher"]
+    monkeypatch.setitem(STAGES, "teacher", Stage("teacher", real.upstream, real.code_version,
+                                                 not_built("teacher", "needs a test double")))
+    return STAGES["teacher"]

@@ -13,7 +13,7 @@ def _tiny(store):
             "-o", "data.partsworld.height=64"]
 
 
-def test_run_status_verify(tmp_path):
+def test_run_status_verify(tmp_path, unbuilt_teacher):
     store = tmp_path / "store"
     result = runner.invoke(app, ["run", str(DEMO_CONFIG), "--until", "data", "--engine", "local", *_tiny(store)])
     assert result.exit_code == 0, result.output
@@ -36,7 +36,7 @@ def test_run_status_verify(tmp_path):
     assert result.exit_code == 4 and "changed" in result.output and victim.name in result.output
 
 
-def test_unbuilt_stage_exit_code_and_message(tmp_path):
+def test_unbuilt_stage_exit_code_and_message(tmp_path, unbuilt_teacher):
     result = runner.invoke(app, ["run", str(DEMO_CONFIG), "--until", "teacher", "--engine", "local",
                                  *_tiny(tmp_path / "s")])
     assert result.exit_code == 3

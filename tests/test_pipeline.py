@@ -59,7 +59,7 @@ def test_only_needs_its_inputs(tiny_cfg):
         run_pipeline(tiny_cfg, only="teacher")
 
 
-def test_unbuilt_stage_fails_clearly_and_writes_nothing(tiny_cfg):
+def test_unbuilt_stage_fails_clearly_and_writes_nothing(tiny_cfg, unbuilt_teacher):
     store = store_for(tiny_cfg)
     run_pipeline(tiny_cfg, until="data")
     with pytest.raises(NotImplementedError, match="stage 'teacher' is not built yet: needs"):

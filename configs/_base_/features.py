@@ -1,7 +1,10 @@
-# Stage `features`: the teacher's pixel features inside each kept instance.
+# Stage `features`: the teacher's pixel features around each kept instance.
 features = dict(
-    layers=['res3', 'res4'],   # also 'pixel_decoder', 'mask_features'
-    stride=8,
+    layers=['res3', 'res4'],   # the paper's default; also 'res2', 'res5', 'pixel_decoder', 'mask_features'
+    stride=8,                  # every layer is resampled to this stride
+    normalize=False,           # L2-normalise each layer over channels before concatenating
     dtype='float16',
-    reduction=None,            # None | dict(type='random_projection' | 'pca', dim=...)
+    reduction=None,            # None | dict(type='random_projection', dim=64, seed=0)
+    batch_size=4,
+    shard_images=32,           # images per resumable shard (one Zarr array each)
 )

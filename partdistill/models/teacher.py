@@ -133,7 +133,13 @@ class Teacher:
         names = class_names or cfg.get("class_names") or _metainfo_classes(cfg)
         if names is None:
             head = cfg.model.get("panoptic_head", {})
-            names = [f"class_{i}" for i in range(head.get("num_things_classes", 0))]
+            n = head.get("num_things_classes", 0)
+            if n == 80:  # a COCO model
+                from mmdet.datasets import CocoDataset
+
+                names = list(CocoDataset.METAINFO["classes"])
+            else:
+                names = [f"class_{i}" for i in range(n)]
         return cls(model, names, device, resize_long_side)
 
     @torch.no_grad()

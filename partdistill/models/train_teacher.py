@@ -107,7 +107,7 @@ def train(cfg, on_iter: Callable[[int, float], None] | None = None, device: str 
         priority = "VERY_LOW"
 
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            loss = float(outputs["loss"]) if outputs and "loss" in outputs else float("nan")
+            loss = float(outputs["loss"].detach()) if outputs and "loss" in outputs else float("nan")
             losses.append(loss)
             if on_iter is not None:
                 on_iter(runner.iter + 1, loss)

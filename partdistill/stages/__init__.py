@@ -15,9 +15,12 @@ def _register(stage: Stage) -> None:
 
 
 def _load() -> None:
-    from partdistill.stages import data, later
+    from partdistill.stages import data, features, instances, later, teacher
 
     _register(data.STAGE)
+    _register(teacher.STAGE)
+    _register(instances.STAGE)
+    _register(features.STAGE)
     for stage in later.STAGES:
         _register(stage)
 

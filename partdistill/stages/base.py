@@ -39,6 +39,8 @@ class Stage:
     reads_evaluation_only: bool = False
     # Files this stage writes that only evaluation may read (part ground truth).
     evaluation_only_outputs: tuple[str, ...] = ()
+    # Inputs outside the config that the version must cover (a referenced file's hash, say).
+    fingerprint: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     summary: str = ""
 
 

@@ -4,16 +4,6 @@ none writes output, fake or otherwise. A stage moves to its own module when it i
 from partdistill.stages.base import Stage, not_built
 
 STAGES = [
-    Stage("teacher", ("data",), "0", not_built(
-        "teacher", "needs the demo Mask2Former teacher trained on the Parts World instance JSON with "
-        "mmengine's Runner, and loaders for mmdet / detectron2 checkpoints (issue #3)"),
-        summary="instance-segmentation teacher"),
-    Stage("instances", ("data", "teacher"), "0", not_built(
-        "instances", "needs teacher inference writing instances.parquet with RLE masks (issue #3)"),
-        summary="object masks"),
-    Stage("features", ("data", "teacher", "instances"), "0", not_built(
-        "features", "needs res3+res4 pixel features per instance into sharded Zarr (issue #3)"),
-        summary="pixel features"),
     Stage("mining", ("data", "instances", "features"), "0", not_built(
         "mining", "needs instance-level K-means and the dense CRF writing mined_parts.parquet (issue #4)"),
         summary="K-means part proposals"),

@@ -46,7 +46,7 @@ def test_flow_skips_complete_stage_and_reruns_incomplete(tiny_options, tmp_path)
     assert store.verify() == []
 
 
-def test_flow_fails_on_unbuilt_stage_after_keeping_finished_ones(tiny_options, tmp_path):
+def test_flow_fails_on_unbuilt_stage_after_keeping_finished_ones(tiny_options, tmp_path, unbuilt_teacher):
     from partdistill.flows.pipeline import pipeline_flow
 
     store = ArtifactStore(tmp_path / "store")

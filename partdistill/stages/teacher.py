@@ -1,0 +1,221 @@
+"""Stage `teacher`: the instance-segmentation model whose object masks and pixel features the
+pipeline mines for parts (paper §4.1).
+
+Reads: `data` (``instances_train.json`` — objects only — and ``images.parquet``).
+Writes:
+
+- ``teacher.json``        {source, mmdet_config (file in this artifact), checkpoint (path), class_names}
+- ``mmdet_config.py``     the teacher's mmdet config as used
+- ``checkpoint.pth``      {state_dict, meta}: tensors and built-ins only, loadable with weights_only
+                          (source 'train' and 'random'; 'checkpoint' refers to the user's file instead)
+- ``metrics.json``        mask AP / AP50 / AP75 on the data's val split (pycocotools COCOeval)
+- ``loss.png``, ``losses.json``   the training curve (source 'train')
+
+Sources: 'train' trains the config on the data's object JSON with mmengine's Runner (the demo
+teacher); 'checkpoint' uses a given mmdet checkpoint; 'detectron2' converts the paper's
+detectron2 Mask2Former checkpoint; 'random' keeps the initial weights (a control for the
+premise check: do trained features group parts better than untrained ones?).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from partdistill.config import CONFIG_ROOT
+from partdistill.stages.base import Stage, StageContext
+from partdistill.storage import Artifact, write_json_atomic
+
+SOURCES = ("train", "checkpoint", "detectron2", "random")
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from partdistill.models.teacher import Teacher, load_state_dict, register_mmdet
+    from partdistill.models.train_teacher import save_checkpoint, train, training_config
+
+    cfg = ctx.config
+    source = cfg["source"]
+    if source not in SOURCES:
+        raise ValueError(f"teacher.source must be one of {SOURCES}, got {source!r}")
+    out = ctx.writer.path
+    mmdet_config = resolve_path(cfg["mmdet_config"])
+    data = ctx.inputs["data"]
+    class_names = [c["name"] for c in json.loads(data.file("instances_train.json").read_text())["categories"]]
+    register_mmdet()
+    device = ctx.runtime.get("device", "cpu")
+    summary: dict[str, Any] = {"source": source}
+    record: dict[str, Any] = {"source": source, "class_names": class_names, "mmdet_config": "mmdet_config.py"}
+
+    if source == "train":
+        t = cfg["train"]
+        tcfg = training_config(mmdet_config, data.path, "instances_train.json", class_names, out / "work",
+                               max_iters=t["max_iters"], batch_size=t["batch_size"], lr=t["lr"], seed=t["seed"],
+                               image_size=tuple(t["image_size"]), checkpoint_interval=t["checkpoint_interval"])
+        tcfg.dump(str(out / "mmdet_config.py"))
+        start = time.monotonic()
+        with ctx.progress.task("teacher: training", total=t["max_iters"]) as bar:
+            result = train(tcfg, on_iter=lambda i, loss: bar.advance(1), device=device)
+        summary.update(train_seconds=round(time.monotonic() - start, 1), iters=result["iters"],
+                       final_loss=round(_tail_mean(result["losses"]), 3))
+        save_checkpoint(out / "checkpoint.pth", result["state_dict"],
+                        {"class_names": class_names, "iters": result["iters"]})
+        write_json_atomic(out / "losses.json", result["losses"])
+        _plot_losses(result["losses"], out / "loss.png")
+        shutil.rmtree(out / "work", ignore_errors=True)
+        record["checkpoint"] = "checkpoint.pth"
+    else:
+        from mmengine.config import Config
+
+        mcfg = Config.fromfile(str(mmdet_config))
+        mcfg.class_names = tuple(class_names) if source == "random" else mcfg.get("class_names", None)
+        mcfg.dump(str(out / "mmdet_config.py"))
+        if source == "random":
+            teacher = Teacher.from_config(mcfg, None, cfg_options={"model.backbone.pretrained": False}
+                                          if mcfg.model.backbone.get("pretrained") is not None else None)
+            save_checkpoint(out / "checkpoint.pth", teacher.model.state_dict(), {"class_names": class_names})
+            record["checkpoint"] = "checkpoint.pth"
+        else:
+            if not cfg["checkpoint"]:
+                raise ValueError(f"teacher.source={source!r} needs teacher.checkpoint (a file path)")
+            ckpt = resolve_path(cfg["checkpoint"])
+            if source == "detectron2":
+                from partdistill.models.convert import convert_checkpoint
+
+                convert_checkpoint(ckpt, out / "checkpoint.pth")
+                record["checkpoint"] = "checkpoint.pth"
+            else:
+                load_state_dict(ckpt)  # fail now, naming the file, not after hours of inference
+                record["checkpoint"] = str(ckpt)
+                record["checkpoint_bytes"] = ckpt.stat().st_size
+            record["class_names"] = None  # the checkpoint's own classes (from its config)
+
+    write_json_atomic(out / "teacher.json", record)
+    if source in ("train", "random") and _has_val(data):
+        teacher = load_teacher_from(out, record, device, cfg.get("resize_long_side"))
+        metrics = evaluate_masks(teacher, data, "val", ctx)
+        write_json_atomic(out / "metrics.json", metrics)
+        summary.update({f"val_{k}": v for k, v in metrics.items() if k.startswith("mask_")})
+    return summary
+
+
+def fingerprint(section: dict[str, Any]) -> dict[str, Any]:
+    """What the version must also cover: the mmdet config's text and the checkpoint's identity."""
+    out: dict[str, Any] = {}
+    cfg_path = resolve_path(section["mmdet_config"], must_exist=False)
+    if cfg_path.is_file():
+        out["mmdet_config_sha256"] = hashlib.sha256(cfg_path.read_bytes()).hexdigest()
+    if section.get("checkpoint"):
+        ckpt = resolve_path(section["checkpoint"], must_exist=False)
+        if ckpt.is_file():
+            st = ckpt.stat()
+            out["checkpoint"] = {"path": str(ckpt), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return out
+
+
+def resolve_path(path: str | Path, must_exist: bool = True) -> Path:
+    """A path as given, or relative to the repository (configs/teachers/... works from anywhere)."""
+    p = Path(path)
+    for candidate in (p, CONFIG_ROOT.parent / p):
+        if candidate.exists():
+            return candidate.resolve()
+    if must_exist:
+        raise FileNotFoundError(f"{path}: no such file (also looked under {CONFIG_ROOT.parent})")
+    return p
+
+
+def load_teacher(artifact: Artifact, device: str = "cpu", resize_long_side: int | None = None):
+    """The Teacher stored in a `teacher` artifact."""
+    record = json.loads(artifact.file("teacher.json").read_text())
+    return load_teacher_from(artifact.path, record, device, resize_long_side)
+
+
+def load_teacher_from(root: Path, record: dict[str, Any], device: str, resize_long_side: int | None):
+    from partdistill.models.teacher import Teacher
+
+    ckpt = Path(record["checkpoint"])
+    ckpt = ckpt if ckpt.is_absolute() else root / ckpt
+    return Teacher.from_config(root / record["mmdet_config"], ckpt, device=device,
+                               resize_long_side=resize_long_side, class_names=record.get("class_names"))
+
+
+def evaluate_masks(teacher, data: Artifact, split: str, ctx: StageContext | None = None,
+                   batch_size: int = 4) -> dict[str, float]:
+    """Mask AP of the teacher on a split's object JSON (pycocotools COCOeval, segm)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from partdistill.data.images import load_rgb
+    from partdistill.storage import mask_to_rle
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(data.file(f"instances_{split}.json")))
+    image_ids = sorted(gt.getImgIds())
+    cat_ids = sorted(gt.getCatIds())
+    results = []
+    progress = ctx.progress if ctx is not None else None
+    bar_cm = progress.task(f"teacher: mask AP on {split}", total=len(image_ids)) if progress else None
+    bar = bar_cm.__enter__() if bar_cm else None
+    try:
+        for i in range(0, len(image_ids), batch_size):
+            ids = image_ids[i:i + batch_size]
+            imgs = [load_rgb(data.path / gt.imgs[j]["file_name"]) for j in ids]
+            for image_id, pred in zip(ids, teacher.predict(imgs, layers=()), strict=True):
+                for mask, score, label in zip(pred.masks, pred.scores, pred.labels, strict=True):
+                    rle = mask_to_rle(mask)
+                    results.append({"image_id": image_id, "category_id": cat_ids[int(label)],
+                                    "segmentation": rle, "score": float(score)})
+            if bar:
+                bar.advance(len(ids))
+    finally:
+        if bar_cm:
+            bar_cm.__exit__(None, None, None)
+    if not results:
+        return {"mask_AP": 0.0, "mask_AP50": 0.0, "mask_AP75": 0.0, "detections": 0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(results)
+        ev = COCOeval(gt, dt, "segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"mask_AP": round(float(ev.stats[0]), 4), "mask_AP50": round(float(ev.stats[1]), 4),
+            "mask_AP75": round(float(ev.stats[2]), 4), "detections": len(results), "images": len(image_ids)}
+
+
+def _has_val(data: Artifact) -> bool:
+    return "instances_val.json" in data.files
+
+
+def _tail_mean(values: list[float], n: int = 25) -> float:
+    tail = values[-n:]
+    return sum(tail) / max(len(tail), 1)
+
+
+def _plot_losses(losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    ax.plot(losses, lw=0.6, alpha=0.5, label="loss")
+    if len(losses) >= 25:
+        import numpy as np
+
+        smooth = np.convolve(losses, np.ones(25) / 25, mode="valid")
+        ax.plot(range(24, len(losses)), smooth, lw=1.5, label="mean of 25")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("total loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+STAGE = Stage("teacher", ("data",), "1", run, fingerprint=fingerprint, summary="instance-segmentation teacher")
