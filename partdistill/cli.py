@@ -37,7 +37,7 @@ def _load(config: Path, cfg_options: list[str] | None) -> dict:
 @app.command()
 def run(
     config: ConfigArg = Path(DEFAULT_CONFIG),
-    until: Annotated[str | None, typer.Option(help="run the stages up to and including this one")] = None,
+    until: Annotated[str | None, typer.Option(help="run this stage and the stages it needs")] = None,
     only: Annotated[str | None, typer.Option(help="run just this stage (its inputs must exist)")] = None,
     store: StoreOpt = None,
     cfg_options: OptionsOpt = None,

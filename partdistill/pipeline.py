@@ -56,8 +56,8 @@ def plan(cfg: Mapping[str, Any]) -> list[PlannedStage]:
     for name, stage in STAGES.items():
         if name not in cfg:
             raise PipelineError(f"config has no section '{name}' (stage {name})")
-        inputs = {up: versions[up] for up in stage.upstream}
         section = dict(cfg[name])
+        inputs = {up: versions[up] for up in (stage.upstream_for(section) if stage.upstream_for else stage.upstream)}
         hashed = {**section, "_fingerprint": stage.fingerprint(section)} if stage.fingerprint else section
         versions[name] = content_version(name, hashed, inputs, stage.code_version)
         planned.append(PlannedStage(name, versions[name], inputs, section, stage.code_version))
@@ -74,7 +74,15 @@ def select(planned: list[PlannedStage], until: str | None = None, only: str | No
     if only:
         return [p for p in planned if p.name == only]
     if until:
-        return planned[: names.index(until) + 1]
+        # the target and what it needs, transitively: a stage the target does not read is not run
+        by_name = {p.name: p for p in planned}
+        needed, todo = set(), [until]
+        while todo:
+            name = todo.pop()
+            if name not in needed:
+                needed.add(name)
+                todo.extend(by_name[name].inputs)
+        return [p for p in planned if p.name in needed]
     return list(planned)
 
 

@@ -39,6 +39,9 @@ class Stage:
     reads_evaluation_only: bool = False
     # Files this stage writes that only evaluation may read (part ground truth).
     evaluation_only_outputs: tuple[str, ...] = ()
+    # When the inputs depend on the config (ground-truth instances need no teacher): the subset of
+    # ``upstream`` this section uses.
+    upstream_for: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
     # Inputs outside the config that the version must cover (a referenced file's hash, say).
     fingerprint: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     summary: str = ""

@@ -180,4 +180,5 @@ def read_instances(artifact) -> pa.Table:
     return pq.read_table(artifact.path / "instances")
 
 
-STAGE = Stage("instances", ("data", "teacher"), "1", run, summary="object masks")
+STAGE = Stage("instances", ("data", "teacher"), "1", run, summary="object masks",
+              upstream_for=lambda section: ("data",) if section["source"] == "gt" else ("data", "teacher"))
