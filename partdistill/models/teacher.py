@@ -208,10 +208,13 @@ def stack_features(features: dict[str, torch.Tensor], layers: Sequence[str], str
     Coarser maps are upsampled bilinearly and finer ones average-pooled, as the reference
     upsamples res4 to res3's stride 8. ``normalize`` L2-normalises each layer over channels
     first, so no layer dominates the distance by its scale alone."""
-    ref = next(iter(features[n] for n in layers if FEATURE_LAYERS[n][1] == stride), None)
-    if ref is None:
-        raise ValueError(f"none of {list(layers)} has stride {stride}")
-    size = ref.shape[-2:]
+    if not layers:
+        raise ValueError("no feature layers given")
+    first = layers[0]
+    h, w = features[first].shape[-2:]
+    s = FEATURE_LAYERS[first][1]
+    # the grid of cells of size `stride` covering the inference image (whose size is about h*s, w*s)
+    size = (max(1, math.ceil(h * s / stride)), max(1, math.ceil(w * s / stride)))
     out = []
     for name in layers:
         f = features[name].float()
