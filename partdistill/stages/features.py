@@ -46,8 +46,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     cfg = ctx.config
     stride = cfg["stride"]
-    teacher = load_teacher(ctx.inputs["teacher"], ctx.runtime.get("device", "cpu"),
-                           ctx.full_config["teacher"].get("resize_long_side"))
+    device = ctx.runtime.get("device", "cpu")
+    if cfg["extractor"] == "teacher":
+        teacher = load_teacher(ctx.inputs["teacher"], device, ctx.full_config["teacher"].get("resize_long_side"))
+    else:
+        from partdistill.models.teacher import BackboneFeatures
+
+        teacher = BackboneFeatures(cfg["extractor"], device)
     table = read_instances(ctx.inputs["instances"]).to_pylist()
     by_image: dict[int, list[dict]] = {}
     for row in table:
@@ -168,4 +173,6 @@ def instance_mask(row: dict[str, Any]) -> np.ndarray:
 
 __all__ = ["FeatureReader", "instance_mask", "read_parquet"]
 
-STAGE = Stage("features", ("data", "teacher", "instances"), "1", run, summary="pixel features")
+STAGE = Stage("features", ("data", "teacher", "instances"), "1", run, summary="pixel features",
+              upstream_for=lambda section: ("data", "teacher", "instances") if section["extractor"] == "teacher"
+              else ("data", "instances"))

@@ -47,7 +47,8 @@ def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
 
     if mask.ndim != 2:
         raise ValueError(f"expected a 2-D mask, got shape {mask.shape}")
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    # any nonzero value is inside: pycocotools would treat 2 as a run break, not as "inside"
+    rle = mask_utils.encode(np.asfortranarray(mask != 0, dtype=np.uint8))
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 

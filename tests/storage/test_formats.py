@@ -82,3 +82,8 @@ def test_sharded_zarr_small_array_and_reopen(tmp_path):
     assert np.array_equal(again.array[:], np.ones((10, 3)))
     with pytest.raises(ValueError, match="exists with shape"):
         ShardedArrayWriter(tmp_path / "s.zarr", rows=11, channels=3)
+
+
+def test_rle_treats_any_nonzero_as_inside():
+    labels = np.array([[0, 1, 2], [2, 0, 1]], np.int32)
+    assert np.array_equal(rle_to_mask(mask_to_rle(labels)), labels != 0)
