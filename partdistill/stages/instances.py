@@ -53,8 +53,11 @@ def select(
     min_object_fraction: float,
     image_class: str | None = None,
     image_class_first: bool = False,
+    image_class_id: int = -1,
 ) -> list[Detection]:
-    """The reference's filtering. Returns detections by descending score."""
+    """The reference's filtering. Returns detections by descending score. With
+    ``image_class_first``, the kept detections take the image's class (name and ``image_class_id``,
+    its index among the image set's folder classes)."""
     h, w = detections[0].mask.shape if detections else (1, 1)
     min_area = min_object_fraction * h * w
     kept = [d for d in detections if d.score >= score_threshold and d.mask.sum() >= max(min_area, 1)]
@@ -62,7 +65,7 @@ def select(
     if image_class_first and image_class is not None:
         own = [d for d in kept if d.class_name == image_class]
         kept = own if own else kept
-        kept = [Detection(d.mask, d.score, d.class_id, image_class) for d in kept]
+        kept = [Detection(d.mask, d.score, image_class_id, image_class) for d in kept]
     return kept[:topk]
 
 
@@ -85,6 +88,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     else:
         gt = _GroundTruth(data)
 
+    # ImageNet-style folders: classes are the folder names, numbered in sorted order
+    folder_classes = {c: i for i, c in enumerate(sorted({im.get("class_name") for im in images} - {None}))}
     shard_size = cfg["shard_images"]
     shards = [images[i:i + shard_size] for i in range(0, len(images), shard_size)]
     (ctx.writer.path / "instances").mkdir(exist_ok=True)
@@ -92,7 +97,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         for index, shard in enumerate(shards):
             name = f"part-{index:05d}"
             if not ctx.writer.shard_done(name):
-                rows, skipped, per_image = _shard(shard, cfg, teacher, gt, data, load_rgb, ImageLoadError)
+                rows, skipped, per_image = _shard(shard, cfg, teacher, gt, data, load_rgb, ImageLoadError,
+                                                  folder_classes)
                 write_parquet(ctx.writer.path / "instances" / f"{name}.parquet",
                               {k: [r[k] for r in rows] for k in SCHEMA.names}, SCHEMA)
                 ctx.writer.complete_shard(name, [f"instances/{name}.parquet"],
@@ -114,7 +120,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "instances_per_image": round(kept / max(len(per_image), 1), 2)}
 
 
-def _shard(shard, cfg, teacher, gt, data, load_rgb, ImageLoadError):
+def _shard(shard, cfg, teacher, gt, data, load_rgb, ImageLoadError, folder_classes):
     rows, skipped, per_image, loaded = [], [], [], []
     for im in shard:
         try:
@@ -132,7 +138,7 @@ def _shard(shard, cfg, teacher, gt, data, load_rgb, ImageLoadError):
             found = [gt.detections(im) for im, _ in chunk]
         for (im, img), dets in zip(chunk, found, strict=True):
             kept = select(dets, cfg["score_threshold"], cfg["topk_per_image"], cfg["min_object_fraction"],
-                          im.get("class_name"), cfg["image_class_first"])
+                          im.get("class_name"), cfg["image_class_first"], folder_classes.get(im.get("class_name"), -1))
             h, w = img.shape[:2]
             for rank, d in enumerate(kept):
                 rle = mask_to_rle(d.mask)

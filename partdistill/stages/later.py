@@ -4,9 +4,6 @@ none writes output, fake or otherwise. A stage moves to its own module when it i
 from partdistill.stages.base import Stage, not_built
 
 STAGES = [
-    Stage("mining", ("data", "instances", "features"), "0", not_built(
-        "mining", "needs instance-level K-means and the dense CRF writing mined_parts.parquet (issue #4)"),
-        summary="K-means part proposals"),
     Stage("proposals", ("data", "teacher", "instances", "mining"), "0", not_built(
         "proposals", "needs the class-agnostic part decoder and its self-training rounds (issue #5)"),
         summary="part decoder"),

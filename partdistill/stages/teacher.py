@@ -44,7 +44,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     out = ctx.writer.path
     mmdet_config = resolve_path(cfg["mmdet_config"])
     data = ctx.inputs["data"]
-    class_names = [c["name"] for c in json.loads(data.file("instances_train.json").read_text())["categories"]]
+    has_objects = "instances_train.json" in data.files
+    if source in ("train", "random") and not has_objects:
+        raise ValueError(f"teacher.source={source!r} needs an object JSON (instances_train.json) in the data "
+                         "artifact; an image folder without annotations needs a pretrained teacher "
+                         "(teacher.source='checkpoint' or 'detectron2')")
+    class_names = ([c["name"] for c in json.loads(data.file("instances_train.json").read_text())["categories"]]
+                   if has_objects else [])
     register_mmdet()
     device = ctx.runtime.get("device", "cpu")
     summary: dict[str, Any] = {"source": source}

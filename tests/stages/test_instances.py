@@ -26,10 +26,10 @@ def test_select_filters_like_the_reference():
     assert [(d.class_name, d.score) for d in kept] == [("car", 0.9), ("fish", 0.8), ("bird", 0.7)]
     assert len(select(dets, 0.5, topk=2, min_object_fraction=0.05)) == 2
     # Detic fallback: the image's own class first, relabelled; else the top k of any class
-    own = select(dets, 0.5, 10, 0.05, image_class="bird", image_class_first=True)
-    assert [(d.class_name, d.score) for d in own] == [("bird", 0.7)]
-    other = select(dets, 0.5, 2, 0.05, image_class="tree", image_class_first=True)
-    assert [(d.class_name, d.score) for d in other] == [("tree", 0.9), ("tree", 0.8)]
+    own = select(dets, 0.5, 10, 0.05, image_class="bird", image_class_first=True, image_class_id=3)
+    assert [(d.class_name, d.class_id, d.score) for d in own] == [("bird", 3, 0.7)]
+    other = select(dets, 0.5, 2, 0.05, image_class="tree", image_class_first=True, image_class_id=7)
+    assert [(d.class_name, d.class_id, d.score) for d in other] == [("tree", 7, 0.9), ("tree", 7, 0.8)]
     assert select([], 0.5, 10, 0.05) == []
 
 
@@ -82,3 +82,35 @@ def test_gt_source_matches_annotations_and_skips_bad_images(tmp_path):
             assert np.array_equal(rle_to_mask({"size": [r["height"], r["width"]], "counts": r["rle"]}),
                                   rle_to_mask(a["segmentation"]))
     shutil.rmtree(tmp_path / "store")
+
+
+def test_imagenet_folder_with_image_class_first(tmp_path, tiny_run):
+    """The paper's Detic fallback on an ImageNet-style folder: every kept instance takes the
+    folder's class."""
+    from PIL import Image
+
+    cfg0, store0, outcomes = tiny_run
+    data = store0.open("data", outcomes["data"].version)
+    root = tmp_path / "folder"
+    for i, src in enumerate(sorted(data.path.glob("images/*.png"))[:6]):
+        cls = ["n01_bird", "n02_car"][i % 2]
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        Image.open(src).save(root / cls / f"img{i}.jpg", quality=95)
+    (root / "n02_car" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    cfg = load_config(DEMO_CONFIG, {**TINY, "data.source": "imagenet_folder", "data.imagenet_folder.root": str(root),
+                                    "instances.image_class_first": True, "instances.min_object_fraction": 0.0,
+                                    "teacher.source": "checkpoint",
+                                    "teacher.checkpoint": str(store0.open("teacher", outcomes["teacher"].version)
+                                                              .file("checkpoint.pth"))})
+    cfg["runtime"]["store"] = str(tmp_path / "store")
+    out = {o.stage: o for o in run_pipeline(cfg, until="instances")}
+    assert out["data"].summary["images"] == 7 and out["data"].summary["classes"] == 2
+    store = store_for(cfg)
+    inst = store.open("instances", out["instances"].version)
+    rows = read_instances(inst).to_pylist()
+    assert rows
+    for r in rows:
+        folder = r["file_name"].split("/")[-2]
+        assert r["class_name"] == folder and r["class_id"] == ["n01_bird", "n02_car"].index(folder)
+    skipped = pq.read_table(inst.file("skipped.parquet")).to_pylist()
+    assert [s["file_name"].split("/")[-1] for s in skipped] == ["broken.jpg"]

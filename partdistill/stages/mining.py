@@ -1,0 +1,227 @@
+"""Stage `mining`: part proposals by instance-level K-means, refined by a dense CRF (paper §4.2).
+
+For every kept object instance: its stride-8 feature grid (`features`), its mask (`instances`),
+K-means with k clusters on the feature cells inside the mask and full-resolution assignment
+through the bilinearly upsampled features (:func:`partdistill.models.part_mining.mine_parts`),
+optionally the reference's dense CRF on the image (:mod:`partdistill.models.crf`), then parts
+under ``min_part_area`` pixels are dropped. Every part lies inside its object mask: K-means only
+labels object pixels, and the CRF's result is clamped to the mask.
+
+Reads: `data` (images, for the CRF), `instances` (masks), `features` (grids). Writes:
+
+- ``mined_parts/part-{k:05d}.parquet``  one row per mined part: instance_id:int64, image_id:int64,
+  split:str, part:int16 (0..n-1, dense per instance, in cluster order; n <= k), rle:str (COCO
+  compressed counts of the full-image (height, width) part mask), area:int64 (pixels),
+  height:int32, width:int32, crf:bool (whether the CRF refined it). Read the folder as one table:
+  ``pyarrow.parquet.read_table(dir)``.
+- ``skipped.parquet``  instance_id:int64, image_id:int64, reason:str: instances that gave no part
+  (empty or tiny mask, no feature cells, every part under ``min_part_area``, unreadable image).
+
+Instances are processed in instance_id order, in shards of ``shard_instances``; each shard gets a
+completion marker, so a killed run resumes at its first unfinished shard. The CRF runs in
+``runtime.num_workers`` processes: that changes no byte of the output, so it is a runtime setting
+and not part of the version.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from partdistill.stages.base import Stage, StageContext
+from partdistill.storage import mask_to_rle, write_parquet
+
+SCHEMA = pa.schema([
+    ("instance_id", pa.int64()), ("image_id", pa.int64()), ("split", pa.string()), ("part", pa.int16()),
+    ("rle", pa.string()), ("area", pa.int64()), ("height", pa.int32()), ("width", pa.int32()), ("crf", pa.bool_()),
+])
+SKIPPED_SCHEMA = pa.schema([("instance_id", pa.int64()), ("image_id", pa.int64()), ("reason", pa.string())])
+
+# instance_id → (float32 (grid_h, grid_w, C) cells, its `features` index row); KeyError when absent
+FeatureLookup = Callable[[int], tuple[np.ndarray, Mapping[str, Any]]]
+# file_name → uint8 (H, W, 3) RGB
+ImageLookup = Callable[[str], np.ndarray]
+
+
+@dataclass
+class MinedShard:
+    """What :func:`mine_instances` found for a group of instances."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)      # SCHEMA rows, one per part
+    skipped: list[dict[str, Any]] = field(default_factory=list)   # SKIPPED_SCHEMA rows
+    seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "kmeans": 0.0, "crf": 0.0,
+                                                               "encode": 0.0})
+
+    def table(self) -> dict[str, list[Any]]:
+        return {c: [r[c] for r in self.rows] for c in SCHEMA.names}
+
+
+def skip_reason(mask: np.ndarray, grid: np.ndarray | None, min_part_area: int) -> str | None:
+    """Why an instance cannot give a part before any clustering, or ``None``.
+
+    mask: bool (H, W) object mask; grid: its (grid_h, grid_w, C) feature cells, ``None`` if absent.
+    An object smaller than ``min_part_area`` pixels cannot hold a part that survives the filter."""
+    area = int(mask.sum())
+    if area == 0:
+        return "empty mask"
+    if area < min_part_area:
+        return f"mask smaller than min_part_area ({area} < {min_part_area} px)"
+    if grid is None:
+        return "no features"
+    if grid.size == 0:
+        return "empty feature grid"
+    return None
+
+
+def part_rows(row: Mapping[str, Any], labels: np.ndarray, k: int, min_part_area: int, crf: bool) -> list[dict]:
+    """SCHEMA rows of one instance's parts: parts of ``min_part_area`` pixels or more, renumbered
+    0..n-1 in cluster order. labels: integer (H, W), -1 background, 0..k-1 parts."""
+    areas = np.bincount(labels[labels >= 0].ravel().astype(np.int64), minlength=k)
+    rows = []
+    for cluster in range(k):
+        if areas[cluster] < min_part_area:
+            continue
+        rows.append({"instance_id": row["instance_id"], "image_id": row["image_id"], "split": row["split"],
+                     "part": len(rows), "rle": mask_to_rle(labels == cluster)["counts"],
+                     "area": int(areas[cluster]), "height": labels.shape[0], "width": labels.shape[1], "crf": crf})
+    return rows
+
+
+def mine_instances(
+    instances: Sequence[Mapping[str, Any]],
+    features: FeatureLookup,
+    images: ImageLookup | None,
+    cfg: Mapping[str, Any],
+    executor: Executor | None = None,
+) -> MinedShard:
+    """Mine the parts of a group of instances (one K-means call for all, then the CRF).
+
+    instances: `instances` rows (instance_id, image_id, split, file_name, rle, height, width).
+    features:  instance_id → (float32 (grid_h, grid_w, C), index row with grid_y0, grid_x0, stride,
+               scale_y, scale_x); raises KeyError for an instance without features.
+    images:    file_name → uint8 (H, W, 3) RGB; only called when ``cfg["crf"]["enabled"]``.
+    cfg:       the `mining` config section (k, metric, iters, seed, backend, min_part_area, crf).
+    executor:  a process pool for the CRF (:func:`partdistill.models.crf.make_pool`); None: in-process.
+    """
+    from partdistill.data.images import ImageLoadError
+    from partdistill.models.crf import CRFItem, CRFParams, refine_many
+    from partdistill.models.part_mining import ObjectFeatures, mine_parts
+    from partdistill.stages.features import instance_mask
+
+    out = MinedShard()
+    k, min_area = int(cfg["k"]), int(cfg["min_part_area"])
+    crf_cfg = dict(cfg.get("crf") or {})
+    use_crf = bool(crf_cfg.get("enabled", False))
+
+    start = time.perf_counter()
+    kept: list[tuple[Mapping[str, Any], ObjectFeatures, np.ndarray | None]] = []
+    for row in instances:
+        mask = instance_mask(row)
+        try:
+            grid, meta = features(row["instance_id"])
+        except KeyError:
+            grid, meta = None, None
+        reason = skip_reason(mask, grid, min_area)
+        image = None
+        if reason is None and use_crf:
+            try:
+                image = images(row["file_name"])
+                if image.shape[:2] != mask.shape:
+                    reason = f"image is {image.shape[:2]}, mask is {mask.shape}"
+            except ImageLoadError as err:
+                reason = f"image: {err.reason}"
+        if reason is not None:
+            out.skipped.append({"instance_id": row["instance_id"], "image_id": row["image_id"], "reason": reason})
+            continue
+        obj = ObjectFeatures(grid, mask, int(meta["grid_y0"]), int(meta["grid_x0"]), float(meta["stride"]),
+                             (float(meta["scale_y"]), float(meta["scale_x"])))
+        kept.append((row, obj, image))
+    out.seconds["read"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    maps = mine_parts([obj for _, obj, _ in kept], k=k, metric=cfg["metric"], iters=int(cfg["iters"]),
+                      seed=int(cfg["seed"]), backend=cfg["backend"]) if kept else []
+    out.seconds["kmeans"] = time.perf_counter() - start
+
+    if use_crf and kept:
+        start = time.perf_counter()
+        params = CRFParams.from_config(crf_cfg)
+        items = [CRFItem(image, labels, obj.mask, k) for (_, obj, image), labels in zip(kept, maps, strict=True)]
+        maps = refine_many(items, params=params, executor=executor)
+        out.seconds["crf"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    for (row, obj, _), labels in zip(kept, maps, strict=True):
+        # the guarantee downstream stages rely on; K-means and the CRF clamp both give it
+        assert not (labels[~obj.mask] >= 0).any(), f"instance {row['instance_id']}: a part leaves its object"
+        rows = part_rows(row, labels, k, min_area, use_crf)
+        if not rows:
+            out.skipped.append({"instance_id": row["instance_id"], "image_id": row["image_id"],
+                                "reason": f"no part of at least min_part_area ({min_area} px)"})
+        out.rows.extend(rows)
+    out.seconds["encode"] = time.perf_counter() - start
+    return out
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from partdistill.data.images import load_rgb
+    from partdistill.models.crf import make_pool
+    from partdistill.stages.features import FeatureReader
+    from partdistill.stages.instances import read_instances
+
+    cfg = ctx.config
+    columns = ["instance_id", "image_id", "split", "file_name", "rle", "height", "width"]
+    instances = sorted(read_instances(ctx.inputs["instances"]).select(columns).to_pylist(),
+                       key=lambda r: r["instance_id"])
+    size = int(cfg["shard_instances"])
+    # at least one (maybe empty) file, so that readers of the folder always find a table
+    shards = [instances[i:i + size] for i in range(0, len(instances), size)] or [[]]
+    reader = FeatureReader(ctx.inputs["features"])
+    data = ctx.inputs["data"]
+    # instances of one image are consecutive (instance_id = image_id * 1000 + rank): a tiny cache
+    # loads each image once
+    images = functools.lru_cache(maxsize=4)(lambda name: load_rgb(data.path / name))
+    out = ctx.writer.path
+    (out / "mined_parts").mkdir(exist_ok=True)
+    use_crf = bool((cfg.get("crf") or {}).get("enabled", False))
+    pool = make_pool(int(ctx.runtime.get("num_workers", 1))) if use_crf else None
+
+    try:
+        with ctx.progress.task("mining: K-means" + (" + CRF" if use_crf else ""), total=len(instances)) as bar:
+            for index, shard in enumerate(shards):
+                name = f"part-{index:05d}"
+                if not ctx.writer.shard_done(name):
+                    mined = mine_instances(shard, reader.get, images, cfg, pool)
+                    write_parquet(out / "mined_parts" / f"{name}.parquet", mined.table(), SCHEMA)
+                    ctx.writer.complete_shard(name, [f"mined_parts/{name}.parquet"], meta={
+                        "instances": len(shard), "parts": len(mined.rows), "skipped": mined.skipped,
+                        "mined": len({r["instance_id"] for r in mined.rows}), "seconds": mined.seconds})
+                bar.advance(len(shard))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+    metas = [ctx.writer.shard_meta(f"part-{i:05d}") for i in range(len(shards))]
+    skipped = sorted((s for m in metas for s in m["skipped"]), key=lambda s: s["instance_id"])
+    write_parquet(out / "skipped.parquet", {c: [s[c] for s in skipped] for c in SKIPPED_SCHEMA.names},
+                  SKIPPED_SCHEMA)
+    parts = sum(m["parts"] for m in metas)
+    mined = sum(m["mined"] for m in metas)
+    seconds = {key: round(sum(m["seconds"][key] for m in metas), 3) for key in ("read", "kmeans", "crf", "encode")}
+    n = max(len(instances), 1)
+    return {"instances": len(instances), "mined_instances": mined, "parts": parts,
+            "parts_per_instance": round(parts / max(mined, 1), 2), "skipped": len(skipped),
+            "skipped_reasons": dict(Counter(s["reason"].split(" (")[0] for s in skipped)), "crf": use_crf,
+            "seconds": seconds, "kmeans_seconds_per_instance": round(seconds["kmeans"] / n, 5),
+            "crf_seconds_per_instance": round(seconds["crf"] / n, 5)}
+
+
+STAGE = Stage("mining", ("data", "instances", "features"), "1", run, summary="K-means part proposals")
