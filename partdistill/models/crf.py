@@ -10,7 +10,7 @@ up with a fully connected CRF (Krähenbühl & Koltun 2011, ``pydensecrf``):
   both with ``DIAG_KERNEL`` and ``NORMALIZE_SYMMETRIC``;
 - 10 mean-field iterations, then the argmax label.
 
-Two deliberate departures from the reference script:
+Three deliberate departures from the reference script:
 
 - it works on any (H, W): pydensecrf's constructor is ``DenseCRF2D(width, height, labels)`` and
   wants a C-contiguous uint8 (H, W, 3) image; the reference swapped W/H and so asserted square

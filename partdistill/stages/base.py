@@ -42,6 +42,9 @@ class Stage:
     # When the inputs depend on the config (ground-truth instances need no teacher): the subset of
     # ``upstream`` this section uses.
     upstream_for: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
+    # The part of the config section that determines the output (default: all of it), so that
+    # settings for an unused option (another data source, say) don't change the version.
+    relevant: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     # Inputs outside the config that the version must cover (a referenced file's hash, say).
     fingerprint: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     summary: str = ""

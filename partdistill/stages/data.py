@@ -164,4 +164,5 @@ def _fingerprint(section: dict[str, Any]) -> dict[str, Any]:
     return {"listing_sha256": h.hexdigest()}
 
 
-STAGE = Stage("data", (), "2", run, evaluation_only_outputs=PART_FILES, summary="image set", fingerprint=_fingerprint)
+STAGE = Stage("data", (), "1", run, evaluation_only_outputs=PART_FILES, summary="image set", fingerprint=_fingerprint,
+              relevant=lambda section: {"source": section["source"], section["source"]: section[section["source"]]})

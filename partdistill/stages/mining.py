@@ -120,6 +120,8 @@ def mine_instances(
     k, min_area = int(cfg["k"]), int(cfg["min_part_area"])
     crf_cfg = dict(cfg.get("crf") or {})
     use_crf = bool(crf_cfg.get("enabled", False))
+    if use_crf and images is None:
+        raise ValueError("mining.crf.enabled needs the images: pass an image lookup")
 
     start = time.perf_counter()
     kept: list[tuple[Mapping[str, Any], ObjectFeatures, np.ndarray | None]] = []
@@ -161,7 +163,8 @@ def mine_instances(
     start = time.perf_counter()
     for (row, obj, _), labels in zip(kept, maps, strict=True):
         # the guarantee downstream stages rely on; K-means and the CRF clamp both give it
-        assert not (labels[~obj.mask] >= 0).any(), f"instance {row['instance_id']}: a part leaves its object"
+        if (labels[~obj.mask] >= 0).any():
+            raise RuntimeError(f"instance {row['instance_id']}: a mined part leaves its object mask")
         rows = part_rows(row, labels, k, min_area, use_crf)
         if not rows:
             out.skipped.append({"instance_id": row["instance_id"], "image_id": row["image_id"],
@@ -172,6 +175,8 @@ def mine_instances(
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
+    """Mine every instance, shard by shard (resuming finished shards); returns the summary:
+    instance / part / skip counts and the seconds spent reading, in K-means, in the CRF and encoding."""
     from partdistill.data.images import load_rgb
     from partdistill.models.crf import make_pool
     from partdistill.stages.features import FeatureReader
