@@ -65,6 +65,8 @@ def main() -> None:
         images = summary.get("images", images) or images
         n = images or 0
         print(f"| {stage} | {n} | {wall:.1f} | {n / wall:.2f} | {usage.ru_maxrss / 1024:.0f} |", flush=True)
+        extra = {k: v for k, v in summary.items() if k != "images"}
+        print(f"  {stage} summary: {extra}", file=sys.stderr, flush=True)
         shutil.rmtree(scratch)
 
 

@@ -20,7 +20,7 @@ import torch
 
 from partdistill.config import load_config
 from partdistill.data.images import load_rgb
-from partdistill.evaluation.premise import load_gt_objects, run_source, score
+from partdistill.evaluation.premise import load_gt_objects, part_oracle, run_source, score
 from partdistill.models.backbones import EfficientNetLite0, pixel_features
 from partdistill.models.teacher import Teacher, stack_features
 from partdistill.pipeline import run_pipeline, store_for
@@ -36,15 +36,17 @@ PAPER = {
 
 
 def teacher_source(teacher: Teacher, layers, normalize=False):
-    def source(img: np.ndarray) -> np.ndarray:
+    def source(img: np.ndarray, file_name: str):
         [out] = teacher.predict([img], layers=layers)
-        return stack_features(out.features, layers, 8, normalize).permute(1, 2, 0).numpy()
+        h, w = out.inference_size
+        grid = stack_features(out.features, layers, 8, normalize).permute(1, 2, 0).numpy()
+        return grid, (h / img.shape[0], w / img.shape[1])
     return source
 
 
 def effnet_source(model: EfficientNetLite0):
-    def source(img: np.ndarray) -> np.ndarray:
-        return pixel_features(model, [img], strides=(4, 8, 16))[0].permute(1, 2, 0).numpy()
+    def source(img: np.ndarray, file_name: str):
+        return pixel_features(model, [img], strides=(4, 8, 16))[0].permute(1, 2, 0).numpy(), (1.0, 1.0)
     return source
 
 
@@ -68,6 +70,8 @@ def main() -> None:
     random_teacher = Teacher.from_config(resolve_path(cfg["teacher"]["mmdet_config"]), None,
                                          cfg_options={"model.backbone.pretrained": False})
     effnet = EfficientNetLite0(pretrained=True).eval()
+    teacher_2x = load_teacher(store.open("teacher", outcomes["teacher"].version),
+                              resize_long_side=2 * cfg["data"]["partsworld"]["width"])
 
     objects = load_gt_objects(data.path, args.split, args.limit)
     images = {o.file_name: load_rgb(data.path / o.file_name) for o in objects}
@@ -79,6 +83,10 @@ def main() -> None:
         "trained teacher, pixel decoder (stride 8)": teacher_source(teacher, ["pixel_decoder"]),
         "trained teacher, mask features (stride 4, pooled to 8)": teacher_source(teacher, ["mask_features"]),
         "EfficientNet-Lite0 alone, strides 4+8+16, each L2": effnet_source(effnet),
+        # diagnostics: is resolution what holds the features back?
+        "trained teacher, res3+res4, input upsampled 2x (stride 4 in the original)": teacher_source(
+            teacher_2x, ["res3", "res4"]),
+        "oracle: ground-truth parts pooled to stride 8": part_oracle(objects),
     }
     rows = []
     for name, source in sources.items():
