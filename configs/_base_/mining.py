@@ -1,6 +1,7 @@
 # Stage `mining`: instance-level K-means part proposals refined by a dense CRF.
 # The CRF's worker processes are runtime.num_workers: they change no output byte, so no version.
 mining = dict(
+    fused=False,               # compute features from the teacher here instead of reading the `features` store
     k=4,
     metric='cosine',           # 'cosine' | 'l2' | 'dot'
     backend='torch',           # 'torch' | 'faiss'

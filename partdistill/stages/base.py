@@ -41,10 +41,12 @@ class Stage:
     evaluation_only_outputs: tuple[str, ...] = ()
     # When the inputs depend on the config (ground-truth instances need no teacher): the subset of
     # ``upstream`` this section uses.
-    upstream_for: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
+    # Called with (section, whole config).
+    upstream_for: Callable[[dict[str, Any], Any], tuple[str, ...]] | None = None
     # The part of the config section that determines the output (default: all of it), so that
     # settings for an unused option (another data source, say) don't change the version.
-    relevant: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # Called with (section, whole config): a stage may depend on another stage's settings.
+    relevant: Callable[[dict[str, Any], Any], dict[str, Any]] | None = None
     # Inputs outside the config that the version must cover (a referenced file's hash, say).
     fingerprint: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     summary: str = ""

@@ -42,17 +42,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from partdistill.data.images import load_rgb
     from partdistill.models.teacher import stack_features
     from partdistill.stages.instances import read_instances
-    from partdistill.stages.teacher import load_teacher
-
     cfg = ctx.config
     stride = cfg["stride"]
-    device = ctx.runtime.get("device", "cpu")
-    if cfg["extractor"] == "teacher":
-        teacher = load_teacher(ctx.inputs["teacher"], device, ctx.full_config["teacher"].get("resize_long_side"))
-    else:
-        from partdistill.models.teacher import BackboneFeatures
-
-        teacher = BackboneFeatures(cfg["extractor"], device)
+    teacher = feature_extractor(cfg, ctx.inputs, ctx.full_config)
     table = read_instances(ctx.inputs["instances"]).to_pylist()
     by_image: dict[int, list[dict]] = {}
     for row in table:
@@ -82,20 +74,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
                     fmap = stack_features(pred.features, cfg["layers"], stride, cfg["normalize"])  # (C, gh, gw)
                     if projection is not None:
                         fmap = torch.einsum("chw,cd->dhw", fmap, projection)
-                    h0, w0 = img.shape[:2]
-                    h, w = pred.inference_size
-                    sy, sx = h / h0, w / w0
                     for inst in by_image[image_id]:
-                        x, y, bw, bh = inst["bbox"]
-                        gy0, gx0 = int(y * sy // stride), int(x * sx // stride)
-                        gy1 = min(math.ceil((y + bh) * sy / stride), fmap.shape[1])
-                        gx1 = min(math.ceil((x + bw) * sx / stride), fmap.shape[2])
-                        crop = fmap[:, gy0:gy1, gx0:gx1].permute(1, 2, 0).reshape(-1, fmap.shape[0])
-                        blocks.append(crop.numpy())
+                        crop, meta = instance_grid(fmap, inst, img.shape[:2], pred.inference_size, stride)
+                        blocks.append(crop.reshape(-1, crop.shape[-1]))
                         index.append({"instance_id": inst["instance_id"], "image_id": image_id, "shard": k,
-                                      "row_start": row, "grid_y0": gy0, "grid_x0": gx0, "grid_h": gy1 - gy0,
-                                      "grid_w": gx1 - gx0, "scale_y": sy, "scale_x": sx, "stride": stride})
-                        row += crop.shape[0]
+                                      "row_start": row, **meta})
+                        row += len(blocks[-1])
                 bar.advance(len(chunk))
             if not blocks:  # every image of the shard was skipped upstream
                 write_parquet(out / "index" / f"part-{k:05d}.parquet", {c: [] for c in INDEX_SCHEMA.names},
@@ -124,6 +108,60 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return {"instances": len(table), "rows": rows, "channels": channels, "feature_bytes": feature_bytes,
             "bytes_per_instance": round(feature_bytes / max(len(table), 1)),
             "raw_bytes_per_instance": round(rows * channels * np.dtype(cfg["dtype"]).itemsize / max(len(table), 1))}
+
+
+def instance_grid(fmap, inst: dict[str, Any], original_size: tuple[int, int], inference_size: tuple[int, int],
+                  stride: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The cells of a (C, gh, gw) feature map that cover an instance's box → float32 (grid_h, grid_w, C)
+    and the geometry a reader needs (the index columns but instance_id, image_id, shard, row_start)."""
+    h0, w0 = original_size
+    h, w = inference_size
+    sy, sx = h / h0, w / w0
+    x, y, bw, bh = inst["bbox"]
+    gy0, gx0 = int(y * sy // stride), int(x * sx // stride)
+    gy1 = min(math.ceil((y + bh) * sy / stride), fmap.shape[1])
+    gx1 = min(math.ceil((x + bw) * sx / stride), fmap.shape[2])
+    crop = fmap[:, gy0:gy1, gx0:gx1].permute(1, 2, 0).numpy()
+    return crop, {"grid_y0": gy0, "grid_x0": gx0, "grid_h": gy1 - gy0, "grid_w": gx1 - gx0,
+                  "scale_y": sy, "scale_x": sx, "stride": stride}
+
+
+def feature_extractor(features_cfg: dict[str, Any], inputs: dict[str, Any], full_config: dict[str, Any]):
+    """The teacher (or classification backbone) that features come from, per the `features` section."""
+    device = full_config.get("runtime", {}).get("device", "cpu")
+    if features_cfg["extractor"] == "teacher":
+        from partdistill.stages.teacher import load_teacher
+
+        return load_teacher(inputs["teacher"], device, full_config["teacher"].get("resize_long_side"))
+    from partdistill.models.teacher import BackboneFeatures
+
+    return BackboneFeatures(features_cfg["extractor"], device)
+
+
+class FusedFeatures:
+    """Features computed on demand, never stored: ``get(instance_id)`` like :class:`FeatureReader`.
+    For the fused features → mining mode (the paper-scale store would be tens of TB). Computes one
+    image at a time and keeps the last image's map, since instances of an image are consecutive."""
+
+    def __init__(self, features_cfg: dict[str, Any], extractor, instances: list[dict[str, Any]], data):
+        from partdistill.data.images import load_rgb
+
+        self.cfg, self.extractor, self.data, self.load = features_cfg, extractor, data, load_rgb
+        self.rows = {r["instance_id"]: r for r in instances}
+        self._image: tuple[str, Any, tuple[int, int], tuple[int, int]] | None = None
+
+    def get(self, instance_id: int) -> tuple[np.ndarray, dict[str, Any]]:
+        from partdistill.models.teacher import stack_features
+
+        inst = self.rows[instance_id]
+        if self._image is None or self._image[0] != inst["file_name"]:
+            img = self.load(self.data.path / inst["file_name"])
+            [pred] = self.extractor.predict([img], layers=self.cfg["layers"])
+            fmap = stack_features(pred.features, self.cfg["layers"], self.cfg["stride"], self.cfg["normalize"])
+            self._image = (inst["file_name"], fmap, img.shape[:2], pred.inference_size)
+        _, fmap, size, inference = self._image
+        crop, meta = instance_grid(fmap, inst, size, inference, self.cfg["stride"])
+        return crop.astype(np.float32), {"instance_id": instance_id, **meta}
 
 
 def _projection(cfg: dict[str, Any], teacher, out):
@@ -174,5 +212,5 @@ def instance_mask(row: dict[str, Any]) -> np.ndarray:
 __all__ = ["FeatureReader", "instance_mask", "read_parquet"]
 
 STAGE = Stage("features", ("data", "teacher", "instances"), "1", run, summary="pixel features",
-              upstream_for=lambda section: ("data", "teacher", "instances") if section["extractor"] == "teacher"
+              upstream_for=lambda section, cfg: ("data", "teacher", "instances") if section["extractor"] == "teacher"
               else ("data", "instances"))

@@ -187,4 +187,4 @@ def read_instances(artifact) -> pa.Table:
 
 
 STAGE = Stage("instances", ("data", "teacher"), "1", run, summary="object masks",
-              upstream_for=lambda section: ("data",) if section["source"] == "gt" else ("data", "teacher"))
+              upstream_for=lambda section, cfg: ("data",) if section["source"] == "gt" else ("data", "teacher"))

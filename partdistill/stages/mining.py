@@ -183,14 +183,22 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from partdistill.stages.instances import read_instances
 
     cfg = ctx.config
-    columns = ["instance_id", "image_id", "split", "file_name", "rle", "height", "width"]
+    columns = ["instance_id", "image_id", "split", "file_name", "rle", "height", "width", "bbox"]
     instances = sorted(read_instances(ctx.inputs["instances"]).select(columns).to_pylist(),
                        key=lambda r: r["instance_id"])
     size = int(cfg["shard_instances"])
     # at least one (maybe empty) file, so that readers of the folder always find a table
     shards = [instances[i:i + size] for i in range(0, len(instances), size)] or [[]]
-    reader = FeatureReader(ctx.inputs["features"])
     data = ctx.inputs["data"]
+    if cfg["fused"]:
+        if ctx.full_config["features"].get("reduction"):
+            raise NotImplementedError("mining.fused with features.reduction is not built: set one or the other")
+        from partdistill.stages.features import FusedFeatures, feature_extractor
+
+        reader = FusedFeatures(ctx.full_config["features"], feature_extractor(ctx.full_config["features"],
+                               ctx.inputs, ctx.full_config), instances, data)
+    else:
+        reader = FeatureReader(ctx.inputs["features"])
     # instances of one image are consecutive (instance_id = image_id * 1000 + rank): a tiny cache
     # loads each image once
     images = functools.lru_cache(maxsize=4)(lambda name: load_rgb(data.path / name))
@@ -229,4 +237,17 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "crf_seconds_per_instance": round(seconds["crf"] / n, 5)}
 
 
-STAGE = Stage("mining", ("data", "instances", "features"), "1", run, summary="K-means part proposals")
+def _upstream(section: dict[str, Any], cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    # fused: features are computed here (from the teacher, or a backbone) and never stored
+    if not section["fused"]:
+        return ("data", "instances", "features")
+    return ("data", "teacher", "instances") if cfg["features"]["extractor"] == "teacher" else ("data", "instances")
+
+
+def _relevant(section: dict[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
+    # fused mining computes the features itself, so the features settings are part of its version
+    return {**section, "_features": dict(cfg["features"])} if section["fused"] else section
+
+
+STAGE = Stage("mining", ("data", "teacher", "instances", "features"), "1", run, summary="K-means part proposals",
+              upstream_for=_upstream, relevant=_relevant)
