@@ -57,7 +57,8 @@ def plan(cfg: Mapping[str, Any]) -> list[PlannedStage]:
         if name not in cfg:
             raise PipelineError(f"config has no section '{name}' (stage {name})")
         section = dict(cfg[name])
-        inputs = {up: versions[up] for up in (stage.upstream_for(section, cfg) if stage.upstream_for else stage.upstream)}
+        upstream = stage.upstream_for(section, cfg) if stage.upstream_for else stage.upstream
+        inputs = {up: versions[up] for up in upstream}
         # only a non-empty fingerprint enters the hash, so adding one to a stage keeps old versions
         fingerprint = stage.fingerprint(section) if stage.fingerprint else {}
         hashed = stage.relevant(section, cfg) if stage.relevant else section

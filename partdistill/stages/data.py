@@ -165,4 +165,5 @@ def _fingerprint(section: dict[str, Any]) -> dict[str, Any]:
 
 
 STAGE = Stage("data", (), "1", run, evaluation_only_outputs=PART_FILES, summary="image set", fingerprint=_fingerprint,
-              relevant=lambda section, cfg: {"source": section["source"], section["source"]: section[section["source"]]})
+              relevant=lambda section, cfg: {"source": section["source"],
+                                             section["source"]: section[section["source"]]})
