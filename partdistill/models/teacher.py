@@ -54,9 +54,29 @@ def register_mmdet() -> None:
     # mmengine logs every parameter's init at INFO (hundreds of lines); keep warnings only.
     if not MMLogger.check_instance_created("partdistill"):
         MMLogger.get_instance("partdistill", log_level="WARNING")
-    MMLogger.get_current_instance().setLevel(logging.WARNING)
+    logger = MMLogger.get_current_instance()
+    logger.setLevel(logging.WARNING)
+    # mmengine's handlers keep the sys.stdout of the moment they were made; when that was a
+    # temporary capture (a test runner, a notebook cell), later writes would hit a closed stream.
+    for handler in logger.handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setStream(_CurrentStdout())
     register_all_modules(init_default_scope=True)
     import partdistill.models.backbones  # noqa: F401  (registers EfficientNetLite0)
+
+
+class _CurrentStdout:
+    """Writes to whatever sys.stdout is now."""
+
+    def write(self, text: str) -> int:
+        import sys
+
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        import sys
+
+        sys.stdout.flush()
 
 
 def load_state_dict(path: Path | str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
