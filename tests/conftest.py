@@ -14,6 +14,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from partdistill.config import load_config as _load_config  # noqa: E402
+from partdistill.pipeline import run_pipeline as _run_pipeline  # noqa: E402
+from partdistill.pipeline import store_for as _store_for  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo_partsworld.py"
 
@@ -47,3 +51,19 @@ def unbuilt_teacher(monkeypatch):
     monkeypatch.setitem(STAGES, "teacher", Stage("teacher", real.upstream, real.code_version,
                                                  not_built("teacher", "needs a test double")))
     return STAGES["teacher"]
+
+
+TINY = {"data.partsworld.images": 12, "data.partsworld.width": 128, "data.partsworld.height": 96,
+        "data.partsworld.shard_size": 4, "teacher.train.max_iters": 3, "teacher.train.batch_size": 2,
+        "teacher.train.image_size": [96, 128], "teacher.train.checkpoint_interval": 2,
+        # a 3-iteration teacher is unsure of everything: keep whatever it finds
+        "instances.score_threshold": 0.0, "instances.shard_images": 4, "features.shard_images": 4}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """data → teacher → instances → features once on a tiny Parts World, shared by the stage tests."""
+    cfg = _load_config(DEMO_CONFIG, TINY)
+    cfg["runtime"]["store"] = str(tmp_path_factory.mktemp("tiny-store"))
+    outcomes = {o.stage: o for o in _run_pipeline(cfg, until="features")}
+    return cfg, _store_for(cfg), outcomes

@@ -58,9 +58,11 @@ def register_mmdet() -> None:
     logger.setLevel(logging.WARNING)
     # mmengine's handlers keep the sys.stdout of the moment they were made; when that was a
     # temporary capture (a test runner, a notebook cell), later writes would hit a closed stream.
-    for handler in logger.handlers:
+    for handler in list(logger.handlers):
         if type(handler) is logging.StreamHandler:
             handler.setStream(_CurrentStdout())
+        elif isinstance(handler, logging.FileHandler) and handler.stream is None:
+            logger.removeHandler(handler)  # a finished Runner's log file
     register_all_modules(init_default_scope=True)
     import partdistill.models.backbones  # noqa: F401  (registers EfficientNetLite0)
 

@@ -117,7 +117,18 @@ def train(cfg, on_iter: Callable[[int, float], None] | None = None, device: str 
         cfg.optim_wrapper.type = "AmpOptimWrapper"
     runner = Runner.from_cfg(cfg)
     runner.register_hook(_Report())
-    runner.train()
+    try:
+        runner.train()
+    finally:
+        # The Runner's logger stays mmengine's "current" logger after training, and its file
+        # handler points into work_dir, which the stage deletes: a later init_weights in this
+        # process would write to the closed file.
+        import logging
+
+        for handler in list(runner.logger.handlers):
+            if isinstance(handler, logging.FileHandler):
+                handler.close()
+                runner.logger.removeHandler(handler)
     model = runner.model.module if hasattr(runner.model, "module") else runner.model
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {"state_dict": state, "losses": losses, "iters": runner.iter}

@@ -77,3 +77,9 @@ def test_teacher_configs_build(name):
     [out] = teacher.predict([np.zeros((64, 96, 3), np.uint8)], layers=["res3", "res4"])
     assert out.features["res3"].shape[1:] == (8, 12) and out.features["res4"].shape[1:] == (4, 6)
     assert out.masks.shape[1:] == (64, 96)
+
+
+def test_building_after_training_in_the_same_process(tiny_run):
+    """A finished Runner leaves its logger current; building (init_weights) afterwards must work."""
+    teacher = Teacher.from_config(DEMO_TEACHER, None, cfg_options={"model.backbone.pretrained": False})
+    assert teacher.model is not None
