@@ -38,7 +38,7 @@ build_mmcv() {
   # mmcv 2.1.0 has no wheel for this torch: compile it with its C++ ops. pip keeps the built
   # wheel in its cache, so only the first set-up on a machine pays for this.
   local log="$LOGS/mmcv-build.log" start=$SECONDS pid done total
-  say "installing $MMCV_SPEC with compiled ops: about 33 minutes on 2 cores the first time on a"
+  say "installing $MMCV_SPEC with compiled ops: 10-33 minutes on 2 cores the first time on a"
   say "machine, seconds once pip has the wheel cached. Full log: $log"
   MMCV_WITH_OPS=1 MAX_JOBS=$(nproc) "$VENV/bin/pip" install -v --no-build-isolation --no-deps "$MMCV_SPEC" >"$log" 2>&1 &
   pid=$!
