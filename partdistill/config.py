@@ -41,9 +41,17 @@ def load_config(path: Path | str, cfg_options: Mapping[str, Any] | Sequence[str]
     except Exception as err:  # mmengine raises many kinds; all mean "this file is broken"
         raise ConfigError(f"could not read config {path}: {err}") from err
     options = parse_options(cfg_options)
-    if options:
-        cfg.merge_from_dict(options)
     merged = _plain(cfg.to_dict())
+    for key, value in options.items():
+        # set, not merge: a dict on the command line replaces the setting whole, whatever it was
+        node = merged
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[leaf] = _plain(value)
     validate(merged, path, set(options))
     return merged
 

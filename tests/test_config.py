@@ -66,3 +66,10 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("mining = dict(k=\n")
     with pytest.raises(ConfigError, match="could not read config"):
         load_config(bad)
+
+
+def test_command_line_dict_replaces_the_setting():
+    cfg = load_config(DEMO_CONFIG, ["features.reduction={'type': 'random_projection', 'dim': 8}"])
+    assert cfg["features"]["reduction"] == {"type": "random_projection", "dim": 8}
+    with pytest.raises(ConfigError, match="features.reduction.dimm"):
+        load_config(DEMO_CONFIG, ["features.reduction={'type': 'random_projection', 'dimm': 8}"])

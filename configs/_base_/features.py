@@ -5,7 +5,8 @@ features = dict(
     stride=8,                  # every layer is resampled to this stride
     normalize=False,           # L2-normalise each layer over channels before concatenating
     dtype='float16',
-    reduction=None,            # None | dict(type='random_projection', dim=64, seed=0)
+    # a fixed random projection to `dim` channels shrinks the store (type=None: off)
+    reduction=dict(type=None, dim=64, seed=0),   # type: None | 'random_projection'
     batch_size=4,
     shard_images=32,           # images per resumable shard (one Zarr array each)
 )

@@ -169,8 +169,8 @@ def _projection(cfg: dict[str, Any], teacher, out):
     distances roughly, which is what K-means needs); seeded, so the same config gives the same one."""
     import torch
 
-    red = cfg.get("reduction")
-    if not red:
+    red = cfg.get("reduction") or {}
+    if not red.get("type"):
         return None
     if red.get("type") != "random_projection":
         raise NotImplementedError(f"features.reduction.type={red.get('type')!r}: only 'random_projection' is built")

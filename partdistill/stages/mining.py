@@ -191,7 +191,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     shards = [instances[i:i + size] for i in range(0, len(instances), size)] or [[]]
     data = ctx.inputs["data"]
     if cfg["fused"]:
-        if ctx.full_config["features"].get("reduction"):
+        if (ctx.full_config["features"].get("reduction") or {}).get("type"):
             raise NotImplementedError("mining.fused with features.reduction is not built: set one or the other")
         from partdistill.stages.features import FusedFeatures, feature_extractor
 
