@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from partdistill.config import CONFIG_ROOT
+from partdistill.progress import NullProgress
 from partdistill.stages.base import Stage, StageContext
 from partdistill.storage import Artifact, write_json_atomic
 
@@ -165,23 +166,16 @@ def evaluate_masks(teacher, data: Artifact, split: str, ctx: StageContext | None
     image_ids = sorted(gt.getImgIds())
     cat_ids = sorted(gt.getCatIds())
     results = []
-    progress = ctx.progress if ctx is not None else None
-    bar_cm = progress.task(f"teacher: mask AP on {split}", total=len(image_ids)) if progress else None
-    bar = bar_cm.__enter__() if bar_cm else None
-    try:
+    progress = ctx.progress if ctx is not None else NullProgress()
+    with progress.task(f"teacher: mask AP on {split}", total=len(image_ids)) as bar:
         for i in range(0, len(image_ids), batch_size):
             ids = image_ids[i:i + batch_size]
             imgs = [load_rgb(data.path / gt.imgs[j]["file_name"]) for j in ids]
             for image_id, pred in zip(ids, teacher.predict(imgs, layers=()), strict=True):
                 for mask, score, label in zip(pred.masks, pred.scores, pred.labels, strict=True):
-                    rle = mask_to_rle(mask)
                     results.append({"image_id": image_id, "category_id": cat_ids[int(label)],
-                                    "segmentation": rle, "score": float(score)})
-            if bar:
-                bar.advance(len(ids))
-    finally:
-        if bar_cm:
-            bar_cm.__exit__(None, None, None)
+                                    "segmentation": mask_to_rle(mask), "score": float(score)})
+            bar.advance(len(ids))
     if not results:
         return {"mask_AP": 0.0, "mask_AP50": 0.0, "mask_AP75": 0.0, "detections": 0}
     with contextlib.redirect_stdout(io.StringIO()):
