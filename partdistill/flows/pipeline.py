@@ -46,7 +46,7 @@ def stage_task(planned: PlannedStage, cfg: dict[str, Any], store: str | None = N
     return result
 
 
-@flow(name="partdistill", log_prints=True)
+@flow(name="partdistill")
 def pipeline_flow(
     config: str = "configs/demo_partsworld.py",
     until: str | None = None,
