@@ -8,8 +8,7 @@ from partdistill.config import load_config
 from partdistill.pipeline import run_pipeline, store_for
 from partdistill.stages.instances import Detection, read_instances, select
 from partdistill.storage import rle_to_mask
-from tests.conftest import DEMO_CONFIG
-from tests.conftest import TINY
+from tests.conftest import DEMO_CONFIG, TINY
 
 
 def _mask(h, w, y0, y1, x0, x1):
