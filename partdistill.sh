@@ -87,7 +87,13 @@ cmd=${1:-help}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) ensure_env ;;
-  demo)  ensure_env; exec "$VENV/bin/partdistill" run configs/demo_partsworld.py "$@" ;;
+  demo)
+    ensure_env
+    rc=0
+    "$VENV/bin/partdistill" run configs/demo_partsworld.py "$@" || rc=$?
+    # every artifact the demo left must match its manifest, whatever the run's outcome
+    "$VENV/bin/partdistill" verify --store store || rc=$?
+    exit "$rc" ;;
   test)  ensure_env; exec "$VENV/bin/python" -m pytest "$@" ;;
   help|-h|--help)
     sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' ;;
