@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--split", default="val")
     ap.add_argument("--limit", type=int, default=None, help="at most this many objects")
     ap.add_argument("-o", "--cfg-options", action="append", default=[])
+    ap.add_argument("--per-class", action="store_true",
+                    help="also AR@10 per object class for RGB and the teacher (where does colour win?)")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -88,13 +90,14 @@ def main() -> None:
             teacher_2x, ["res3", "res4"]),
         "oracle: ground-truth parts pooled to stride 8": part_oracle(objects),
     }
-    rows = []
+    rows, maps_by_source = [], {}
     for name, source in sources.items():
         start = time.perf_counter()
         maps = run_source(objects, images, source)
         seconds = time.perf_counter() - start
         m = score(objects, maps)
         rows.append((name, m, seconds / max(len(images), 1)))
+        maps_by_source[name] = maps
         print(f"{name}: {m} ({seconds:.1f} s)", flush=True)
 
     metrics = teacher_metrics(store, outcomes["teacher"].version)
@@ -111,6 +114,18 @@ def main() -> None:
               f"{100 * m['ARI']:.1f} | {spi:.3f} |")
     for name, (ar1, ar10) in PAPER.items():
         print(f"| paper (PartImageNet-test): {name} | {ar1} | {ar10} | – | – | – |")
+    if args.per_class:
+        shown = ["raw RGB (floor)", "trained teacher, res3+res4",
+                 "trained teacher, mask features (stride 4, pooled to 8)"]
+        classes = sorted({o.class_name for o in objects})
+        print()
+        print("| class | objects | " + " | ".join(f"AR@10 {n}" for n in shown) + " |")
+        print("|---|---|" + "---|" * len(shown))
+        for c in classes:
+            idx = [i for i, o in enumerate(objects) if o.class_name == c]
+            cells = [100 * score([objects[i] for i in idx], [maps_by_source[n][i] for i in idx])["AR@10"]
+                     for n in shown]
+            print(f"| {c} | {len(idx)} | " + " | ".join(f"{v:.1f}" for v in cells) + " |")
 
 
 def teacher_metrics(store, version):
