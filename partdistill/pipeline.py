@@ -178,7 +178,7 @@ def status(cfg: Mapping[str, Any], store: ArtifactStore) -> list[dict[str, Any]]
             shards = store.partial_path(p.name, p.version) / "_shards"
             n = len(list(shards.glob("*.json"))) if shards.exists() else 0
             row.update(state=f"partial ({n} shards done)")
-        elif STAGES[p.name].run.__doc__ and STAGES[p.name].run.__doc__.startswith("Not built yet"):
+        elif not STAGES[p.name].built:
             row.update(state="not built yet")
         rows.append(row)
     return rows

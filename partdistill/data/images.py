@@ -472,6 +472,18 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _entry_with_id(path: Path, field: str, i: int, entry: Any) -> str:
+    """Check that ``data[field][i]`` is an object with an int id; returns how errors name it."""
+    where = f"{path}: {field}[{i}]"
+    if not isinstance(entry, dict):
+        raise DatasetError(f"{where} must be an object")
+    if "id" not in entry:
+        raise DatasetError(f"{where}: missing field 'id'")
+    if not _is_int(entry["id"]):
+        raise DatasetError(f"{where}: field 'id' must be an int, got {entry['id']!r}")
+    return f"{where} (id {entry['id']})"
+
+
 def _validate_coco(path: Path, data: Any, need_masks: bool) -> dict[int, dict]:
     """Check a COCO JSON (see coco_instance_masks); return its images by id."""
     if not isinstance(data, dict):
@@ -483,14 +495,7 @@ def _validate_coco(path: Path, data: Any, need_masks: bool) -> dict[int, dict]:
 
     images: dict[int, dict] = {}
     for i, im in enumerate(data["images"]):
-        where = f"{path}: images[{i}]"
-        if not isinstance(im, dict):
-            raise DatasetError(f"{where} must be an object")
-        if "id" not in im:
-            raise DatasetError(f"{where}: missing field 'id'")
-        if not _is_int(im["id"]):
-            raise DatasetError(f"{where}: field 'id' must be an int, got {im['id']!r}")
-        where = f"{path}: images[{i}] (id {im['id']})"
+        where = _entry_with_id(path, "images", i, im)
         for field in ("file_name", "width", "height"):
             if field not in im:
                 raise DatasetError(f"{where}: missing field {field!r}")
@@ -531,14 +536,7 @@ def _validate_coco(path: Path, data: Any, need_masks: bool) -> dict[int, dict]:
         raise DatasetError(f"{path}: field 'annotations' must be a list")
     ann_ids: set[int] = set()
     for i, a in enumerate(anns):
-        where = f"{path}: annotations[{i}]"
-        if not isinstance(a, dict):
-            raise DatasetError(f"{where} must be an object")
-        if "id" not in a:
-            raise DatasetError(f"{where}: missing field 'id'")
-        if not _is_int(a["id"]):
-            raise DatasetError(f"{where}: field 'id' must be an int, got {a['id']!r}")
-        where = f"{path}: annotations[{i}] (id {a['id']})"
+        where = _entry_with_id(path, "annotations", i, a)
         if a["id"] in ann_ids:
             raise DatasetError(f"{where}: duplicate annotation id {a['id']}")
         ann_ids.add(a["id"])

@@ -51,6 +51,10 @@ class Stage:
     fingerprint: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     summary: str = ""
 
+    @property
+    def built(self) -> bool:
+        return not getattr(self.run, "not_built", False)
+
 
 def not_built(stage: str, missing: str) -> Callable[[StageContext], None]:
     """The ``run`` of a stage that a later issue builds: it fails, clearly, and writes nothing."""
@@ -59,4 +63,5 @@ def not_built(stage: str, missing: str) -> Callable[[StageContext], None]:
         raise NotImplementedError(f"stage '{stage}' is not built yet: {missing}")
 
     run.__doc__ = f"Not built yet: {missing}"
+    run.not_built = True  # type: ignore[attr-defined]
     return run

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from partdistill.stages.base import Stage, StageContext
-from partdistill.storage import ShardedArrayWriter, open_array, read_parquet, rle_to_mask, write_parquet
+from partdistill.storage import ShardedArrayWriter, open_array, rle_to_mask, write_parquet
 
 INDEX_SCHEMA = pa.schema([
     ("instance_id", pa.int64()), ("image_id", pa.int64()), ("shard", pa.int32()), ("row_start", pa.int64()),
@@ -208,8 +208,6 @@ def instance_mask(row: dict[str, Any]) -> np.ndarray:
     """bool (H, W) mask of an `instances` row."""
     return rle_to_mask({"size": [row["height"], row["width"]], "counts": row["rle"]})
 
-
-__all__ = ["FeatureReader", "instance_mask", "read_parquet"]
 
 STAGE = Stage("features", ("data", "teacher", "instances"), "1", run, summary="pixel features",
               upstream_for=lambda section, cfg: ("data", "teacher", "instances") if section["extractor"] == "teacher"

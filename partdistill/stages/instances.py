@@ -70,8 +70,6 @@ def select(
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from partdistill.data.images import ImageLoadError, load_rgb
-
     cfg = ctx.config
     data = ctx.inputs["data"]
     images = read_parquet(data.file("images.parquet")).to_pylist()
@@ -97,8 +95,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         for index, shard in enumerate(shards):
             name = f"part-{index:05d}"
             if not ctx.writer.shard_done(name):
-                rows, skipped, per_image = _shard(shard, cfg, teacher, gt, data, load_rgb, ImageLoadError,
-                                                  folder_classes)
+                rows, skipped, per_image = _shard(shard, cfg, teacher, gt, data, folder_classes)
                 write_parquet(ctx.writer.path / "instances" / f"{name}.parquet",
                               {k: [r[k] for r in rows] for k in SCHEMA.names}, SCHEMA)
                 ctx.writer.complete_shard(name, [f"instances/{name}.parquet"],
@@ -120,7 +117,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "instances_per_image": round(kept / max(len(per_image), 1), 2)}
 
 
-def _shard(shard, cfg, teacher, gt, data, load_rgb, ImageLoadError, folder_classes):
+def _shard(shard, cfg, teacher, gt, data, folder_classes):
+    from partdistill.data.images import ImageLoadError, load_rgb
+
     rows, skipped, per_image, loaded = [], [], [], []
     for im in shard:
         try:
