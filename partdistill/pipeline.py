@@ -28,11 +28,24 @@ class PipelineError(RuntimeError):
 
 @dataclass(frozen=True)
 class PlannedStage:
-    name: str
+    name: str                # where it is stored: the stage's name, or ``{stage}_r{n}`` for a round
     version: str
-    inputs: dict[str, str]   # upstream stage → version
+    inputs: dict[str, str]   # upstream planned name → version
     config: dict[str, Any]   # the stage's config section
     code_version: str
+    stage: str = ""          # the registered stage (default: ``name``)
+    round: int | None = None
+    # upstream planned name → the key the stage finds it under in ``ctx.inputs`` (default: the name)
+    input_keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stage_name(self) -> str:
+        return self.stage or self.name
+
+
+def round_name(stage: str, n: int) -> str:
+    """Where round ``n`` of a stage run in rounds is stored: ``{stage}_r{n}``."""
+    return f"{stage}_r{n}"
 
 
 @dataclass
@@ -52,34 +65,59 @@ def plan(cfg: Mapping[str, Any]) -> list[PlannedStage]:
     """Every stage with its version, in run order. Versions chain: a stage's version hashes its
     upstream versions, so a config change reaches everything downstream and nothing upstream."""
     versions: dict[str, str] = {}
+    stored_as: dict[str, str] = {}  # stage → the planned name downstream stages read (a stage's last round)
     planned = []
     for name, stage in STAGES.items():
         if name not in cfg:
             raise PipelineError(f"config has no section '{name}' (stage {name})")
         section = dict(cfg[name])
         upstream = stage.upstream_for(section, cfg) if stage.upstream_for else stage.upstream
-        inputs = {up: versions[up] for up in upstream}
+        inputs = {stored_as[up]: versions[stored_as[up]] for up in upstream}
+        keys = {stored_as[up]: up for up in upstream}
         # only a non-empty fingerprint enters the hash, so adding one to a stage keeps old versions
         fingerprint = stage.fingerprint(section) if stage.fingerprint else {}
         hashed = stage.relevant(section, cfg) if stage.relevant else section
         hashed = {**hashed, "_fingerprint": fingerprint} if fingerprint else hashed
-        versions[name] = content_version(name, hashed, inputs, stage.code_version)
-        planned.append(PlannedStage(name, versions[name], inputs, section, stage.code_version))
+        if stage.rounds is None:
+            versions[name] = content_version(name, hashed, inputs, stage.code_version)
+            stored_as[name] = name
+            planned.append(PlannedStage(name, versions[name], inputs, section, stage.code_version, name, None, keys))
+            continue
+        n_rounds = stage.rounds(section)
+        if not isinstance(n_rounds, int) or n_rounds < 1:
+            raise PipelineError(f"{name}: the number of rounds must be an integer >= 1, got {n_rounds!r}")
+        hashed = {k: v for k, v in hashed.items() if k not in stage.round_keys}
+        previous = None
+        for n in range(1, n_rounds + 1):
+            rname = round_name(name, n)
+            rinputs, rkeys = dict(inputs), dict(keys)
+            if previous is not None:
+                rinputs[previous], rkeys[previous] = versions[previous], name
+            versions[rname] = content_version(name, {**hashed, "_round": n}, rinputs, stage.code_version)
+            planned.append(PlannedStage(rname, versions[rname], rinputs, section, stage.code_version, name, n, rkeys))
+            previous = rname
+        stored_as[name] = previous
     return planned
 
 
 def select(planned: list[PlannedStage], until: str | None = None, only: str | None = None) -> list[PlannedStage]:
+    """The stages to run. A stage run in rounds is named by its stage name (all its rounds) or by
+    a round's name, ``proposals_r2`` say (that round: with ``--only``, it alone)."""
     names = [p.name for p in planned]
+    stages = list(dict.fromkeys(p.stage_name for p in planned))
+    known = list(dict.fromkeys(stages + names))
     for opt, value in (("--until", until), ("--only", only)):
-        if value is not None and value not in names:
-            raise PipelineError(f"{opt} {value!r}: no such stage; stages are {', '.join(names)}")
+        if value is not None and value not in known:
+            raise PipelineError(f"{opt} {value!r}: no such stage; stages are {', '.join(known)}")
     if until and only:
         raise PipelineError("give --until or --only, not both")
     if only:
-        return [p for p in planned if p.name == only]
+        return [p for p in planned if only in (p.name, p.stage_name)]
     if until:
         # the target and what it needs, transitively: a stage the target does not read is not run
         by_name = {p.name: p for p in planned}
+        if until not in by_name:  # a stage run in rounds: up to its last round
+            until = [p.name for p in planned if p.stage_name == until][-1]
         needed, todo = set(), [until]
         while todo:
             name = todo.pop()
@@ -118,7 +156,7 @@ def run_stage(
     on_wait: Callable[[str], None] | None = None,
 ) -> StageOutcome:
     """Run one stage unless its version is complete. Upstream artifacts must exist."""
-    stage = STAGES[planned.name]
+    stage = STAGES[planned.stage_name]
     path = str(store.path(planned.name, planned.version))
     if store.is_complete(planned.name, planned.version):
         return StageOutcome(planned.name, planned.version, "skipped", path,
@@ -133,7 +171,7 @@ def run_stage(
                 f"run the pipeline up to '{up}' first (without --only)"
             ) from err
         hidden = () if stage.reads_evaluation_only else artifact.manifest.get("evaluation_only", ())
-        inputs[up] = artifact.restricted(hidden)
+        inputs[planned.input_keys.get(up, up)] = artifact.restricted(hidden)
 
     runtime = cfg.get("runtime", {})
     start = time.monotonic()
@@ -142,8 +180,8 @@ def run_stage(
         if writer is None:
             return StageOutcome(planned.name, planned.version, "reused", path,
                                 summary=store.open(planned.name, planned.version).manifest.get("summary", {}))
-        ctx = StageContext(planned.name, planned.version, planned.config, dict(cfg), inputs, writer,
-                           progress or NullProgress())
+        ctx = StageContext(planned.stage_name, planned.version, planned.config, dict(cfg), inputs, writer,
+                           progress or NullProgress(), planned.round)
         summary = stage.run(ctx) or {}
         writer.commit(cfg, extra={
             "summary": summary,
@@ -178,7 +216,7 @@ def status(cfg: Mapping[str, Any], store: ArtifactStore) -> list[dict[str, Any]]
             shards = store.partial_path(p.name, p.version) / "_shards"
             n = len(list(shards.glob("*.json"))) if shards.exists() else 0
             row.update(state=f"partial ({n} shards done)")
-        elif not STAGES[p.name].built:
+        elif not STAGES[p.stage_name].built:
             row.update(state="not built yet")
         rows.append(row)
     return rows

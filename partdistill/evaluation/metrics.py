@@ -8,6 +8,9 @@
 * :func:`per_object_nmi_ari` -- agreement between the GT part labelling of an
   object's pixels and a predicted clustering (e.g. K-means part proposals),
   as NMI/ARI averaged over objects and pooled over pixels.
+* :func:`per_class_nmi_ari` -- FG-NMI / FG-ARI (Choudhury et al., 2021) for
+  class-consistent predicted part ids: NMI/ARI over the pooled foreground
+  pixels of each object class, averaged over classes.
 * :func:`miou` -- part mIoU for class-consistent predicted part ids, with
   many-to-one (majority) or one-to-one (Hungarian) mapping from predicted ids
   to GT parts per object class; C-mIoU and A-mIoU.
@@ -19,7 +22,8 @@ free re-implementations of sklearn's ``normalized_mutual_info_score``
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -31,6 +35,7 @@ __all__ = [
     "mask_iou",
     "miou",
     "normalized_mutual_info",
+    "per_class_nmi_ari",
     "per_object_nmi_ari",
 ]
 
@@ -287,6 +292,61 @@ def per_object_nmi_ari(
         "ARI": float(np.mean(aris)),
         "NMI_pooled": normalized_mutual_info(g_all, p_all),
         "ARI_pooled": adjusted_rand_index(g_all, p_all),
+    }
+
+
+def per_class_nmi_ari(
+    gt_labels: Sequence[np.ndarray],
+    pred_labels: Sequence[np.ndarray],
+    object_classes: Sequence[Hashable],
+) -> dict[str, Any]:
+    """FG-NMI and FG-ARI of class-consistent part predictions (Choudhury et al., 2021).
+
+    For each object class, the foreground pixels (GT id ``>= 0``) of all its
+    objects are pooled and NMI / ARI computed between their GT part ids and
+    predicted ids; the scores are the means over classes, so a class with few
+    pixels weighs as much as one with many. Pooling needs predicted ids that
+    mean the same part across the objects of a class (e.g. a part-segmentation
+    model's class-level part ids); use :func:`per_object_nmi_ari` for
+    per-object clusterings. Predicted ids ``< 0`` (pixels no predicted part
+    covers) form one extra "unassigned" cluster.
+
+    Args:
+        gt_labels: per object, an int array (any shape, e.g. ``(H, W)`` or
+            ``(n,)``) of GT part ids; ``< 0`` = background / unlabelled,
+            ignored.
+        pred_labels: per object, predicted part ids, same shape.
+        object_classes: per object, its object class (a name or an id).
+
+    Returns:
+        ``{"FG-NMI": float, "FG-ARI": float, "per_class": {class: {"NMI",
+        "ARI", "pixels"}}}`` over the classes with at least one foreground
+        pixel, in first-appearance order; the means are NaN when there is
+        none.
+    """
+    if not (len(gt_labels) == len(pred_labels) == len(object_classes)):
+        raise ValueError("gt_labels, pred_labels and object_classes must have the same length")
+    pooled: dict[Hashable, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    for g, p, c in zip(gt_labels, pred_labels, object_classes, strict=True):
+        g = np.asarray(g).ravel().astype(np.int64)
+        p = np.asarray(p).ravel().astype(np.int64)
+        if g.shape != p.shape:
+            raise ValueError(f"object label shapes differ: {g.shape} vs {p.shape}")
+        keep = g >= 0
+        if keep.any():
+            gs, ps = pooled.setdefault(c, ([], []))
+            gs.append(g[keep])
+            ps.append(np.maximum(p[keep], -1))  # every negative id is the same "unassigned" cluster
+    per_class: dict[Hashable, dict[str, float | int]] = {}
+    for c, (gs, ps) in pooled.items():
+        g_all, p_all = np.concatenate(gs), np.concatenate(ps)
+        per_class[c] = {"NMI": normalized_mutual_info(g_all, p_all), "ARI": adjusted_rand_index(g_all, p_all),
+                        "pixels": int(g_all.size)}
+    nan = float("nan")
+    return {
+        "FG-NMI": float(np.mean([s["NMI"] for s in per_class.values()])) if per_class else nan,
+        "FG-ARI": float(np.mean([s["ARI"] for s in per_class.values()])) if per_class else nan,
+        "per_class": per_class,
     }
 
 

@@ -53,12 +53,14 @@ class PartDecoder(BaseModule):
         oversample_ratio, importance_sample_ratio: mmdet's uncertainty-based point sampling.
         cls_weight, mask_weight, dice_weight: loss (and matching-cost) weights, paper 2 / 5 / 5.
         no_object_weight: the classification weight of the no-object class (0.1).
+        num_classes: 1 ("part") for the class-agnostic proposals; the `distill` stage's
+            class-conditioned head uses k part clusters × object classes.
     """
 
     def __init__(self, head: Mapping[str, Any], num_queries: int = 200, num_points: int = 12544,
                  oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
                  cls_weight: float = 2.0, mask_weight: float = 5.0, dice_weight: float = 5.0,
-                 no_object_weight: float = 0.1, init_cfg: dict | None = None) -> None:
+                 no_object_weight: float = 0.1, num_classes: int = 1, init_cfg: dict | None = None) -> None:
         super().__init__(init_cfg=init_cfg)
         arch = ConfigDict({k: copy.deepcopy(v) for k, v in dict(head).items() if k in _ARCH_KEYS})
         missing = [k for k in ("in_channels", "feat_channels", "out_channels", "pixel_decoder",
@@ -67,13 +69,14 @@ class PartDecoder(BaseModule):
             raise ValueError(f"head config lacks {missing}")
         self.num_queries = num_queries
         self.num_points = num_points
+        self.num_classes = num_classes
         self.head = Mask2FormerHead(
             **arch,
-            num_things_classes=1,
+            num_things_classes=num_classes,
             num_stuff_classes=0,
             num_queries=num_queries,
             loss_cls=ConfigDict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=cls_weight,
-                                reduction="mean", class_weight=[1.0, no_object_weight]),
+                                reduction="mean", class_weight=[1.0] * num_classes + [no_object_weight]),
             loss_mask=ConfigDict(type="CrossEntropyLoss", use_sigmoid=True, reduction="mean",
                                  loss_weight=mask_weight),
             loss_dice=ConfigDict(type="DiceLoss", use_sigmoid=True, activate=True, reduction="mean",
@@ -192,18 +195,23 @@ class PartDecoder(BaseModule):
         Returns:
             per image dict:
             ``masks`` float32 (Q, h, w) mask probabilities (sigmoid of the logits, bilinearly upsampled);
-            ``scores`` float32 (Q,) the part-class probability (softmax over [part, no-object]), in [0, 1];
+            ``scores`` float32 (Q,) 1 − P(no-object) (with one class: P(part)), in [0, 1];
+            ``class_scores`` float32 (Q, num_classes + 1), the softmax, when num_classes > 1;
             ``query_features`` float32 (Q, C) per-query decoded features (C = ``feat_channels``).
         """
         cls_logits, mask_logits, query_feats = self.forward(feats, img_metas)
         ph, pw = self._padded_shape(feats)
         masks = F.interpolate(mask_logits, size=(ph, pw), mode="bilinear", align_corners=False).sigmoid()
-        scores = cls_logits.softmax(-1)[..., 0]
+        probs = cls_logits.softmax(-1)
+        scores = 1.0 - probs[..., -1]  # P(not no-object): with one class, P(part)
         out = []
         for b in range(masks.shape[0]):
             h, w = (img_metas[b].get("img_shape", (ph, pw)) if img_metas is not None else (ph, pw))[:2]
-            out.append({"masks": masks[b, :, :h, :w].float(), "scores": scores[b].float(),
-                        "query_features": query_feats[b].float()})
+            item = {"masks": masks[b, :, :h, :w].float(), "scores": scores[b].float(),
+                    "query_features": query_feats[b].float()}
+            if self.num_classes > 1:
+                item["class_scores"] = probs[b].float()
+            out.append(item)
         return out
 
 

@@ -6,6 +6,7 @@ checkpoints into ``work_dir``; a run killed mid-training resumes from the last o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -107,7 +108,14 @@ def train(cfg, on_iter: Callable[[int, float], None] | None = None, device: str 
         priority = "VERY_LOW"
 
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            loss = float(outputs["loss"].detach()) if outputs and "loss" in outputs else float("nan")
+            if outputs and "loss" in outputs:
+                from mmengine.dist import all_reduce
+
+                value = outputs["loss"].detach().clone().float()
+                all_reduce(value, op="mean")  # data-parallel: the mean over processes (a no-op in one)
+                loss = float(value)
+            else:
+                loss = float("nan")
             losses.append(loss)
             if on_iter is not None:
                 on_iter(runner.iter + 1, loss)
@@ -118,7 +126,8 @@ def train(cfg, on_iter: Callable[[int, float], None] | None = None, device: str 
     runner = Runner.from_cfg(cfg)
     runner.register_hook(_Report())
     try:
-        runner.train()
+        with _trusted_checkpoints(Path(cfg.work_dir)):
+            runner.train()
     finally:
         # The Runner's logger stays mmengine's "current" logger after training, and its file
         # handler points into work_dir, which the stage deletes: a later init_weights in this
@@ -132,6 +141,30 @@ def train(cfg, on_iter: Callable[[int, float], None] | None = None, device: str 
     model = runner.model.module if hasattr(runner.model, "module") else runner.model
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {"state_dict": state, "losses": losses, "iters": runner.iter}
+
+
+@contextlib.contextmanager
+def _trusted_checkpoints(work_dir: Path):
+    """Let mmengine resume from the checkpoints this training wrote into ``work_dir``.
+
+    torch >= 2.6 loads with ``weights_only=True``, which refuses the Runner's own resume state
+    (message hub, optimizer and scheduler state). Those files are ours, so inside ``work_dir``
+    they are loaded in full; any other file keeps torch's safe default."""
+    import mmengine.runner.checkpoint as ckpt
+
+    real = ckpt.torch.load
+    root = work_dir.resolve()
+
+    def load(f, *args, **kwargs):
+        if isinstance(f, str | Path) and Path(f).resolve().is_relative_to(root):
+            kwargs.setdefault("weights_only", False)
+        return real(f, *args, **kwargs)
+
+    ckpt.torch.load = load
+    try:
+        yield
+    finally:
+        ckpt.torch.load = real
 
 
 def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

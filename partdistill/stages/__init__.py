@@ -15,13 +15,14 @@ def _register(stage: Stage) -> None:
 
 
 def _load() -> None:
-    from partdistill.stages import data, features, instances, later, mining, teacher
+    from partdistill.stages import data, features, instances, later, mining, proposals, teacher
 
     _register(data.STAGE)
     _register(teacher.STAGE)
     _register(instances.STAGE)
     _register(features.STAGE)
     _register(mining.STAGE)
+    _register(proposals.STAGE)
     for stage in later.STAGES:
         _register(stage)
 

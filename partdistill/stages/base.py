@@ -15,13 +15,14 @@ from partdistill.storage import Artifact, ArtifactWriter
 
 @dataclass
 class StageContext:
-    stage: str
+    stage: str                      # the stage's name (a round's stage name, without ``_r{n}``)
     version: str
     config: dict[str, Any]          # the stage's own config section (what its version hashes)
     full_config: dict[str, Any]     # the whole merged config, for runtime settings
     inputs: dict[str, Artifact]     # upstream stage name → its committed artifact
     writer: ArtifactWriter          # write files under writer.path; mark shards as they finish
     progress: ProgressSink = field(default_factory=NullProgress)
+    round: int | None = None        # 1, 2, ... for a stage run in rounds; None otherwise
 
     @property
     def runtime(self) -> dict[str, Any]:
@@ -50,6 +51,13 @@ class Stage:
     # Inputs outside the config that the version must cover (a referenced file's hash, say).
     fingerprint: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     summary: str = ""
+    # A stage run in rounds (self-training): the number of rounds its section asks for. Each
+    # round is its own artifact, stored as ``{name}_r{n}``; round n > 1 reads round n - 1 as
+    # ``inputs[name]``, and downstream stages read the last round under the stage's name.
+    rounds: Callable[[dict[str, Any]], int] | None = None
+    # Keys of the section that only say how many rounds to run (kept out of each round's version,
+    # so that asking for more rounds reuses the finished ones).
+    round_keys: tuple[str, ...] = ()
 
     @property
     def built(self) -> bool:

@@ -4,9 +4,6 @@ none writes output, fake or otherwise. A stage moves to its own module when it i
 from partdistill.stages.base import Stage, not_built
 
 STAGES = [
-    Stage("proposals", ("data", "teacher", "instances", "mining"), "0", not_built(
-        "proposals", "needs the class-agnostic part decoder and its self-training rounds (issue #5)"),
-        summary="part decoder"),
     Stage("ranking", ("data", "instances", "proposals"), "0", not_built(
         "ranking", "needs per-class prototype clustering and the Eq. 2 density score (issue #6)"),
         summary="class-specific part clusters"),

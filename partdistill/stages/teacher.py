@@ -140,6 +140,13 @@ def load_teacher(artifact: Artifact, device: str = "cpu", resize_long_side: int 
     return load_teacher_from(artifact.path, record, device, resize_long_side)
 
 
+def teacher_checkpoint(artifact: Artifact) -> Path:
+    """The checkpoint file a `teacher` artifact uses (its own, or the user's file it refers to)."""
+    record = json.loads(artifact.file("teacher.json").read_text())
+    ckpt = Path(record["checkpoint"])
+    return ckpt if ckpt.is_absolute() else artifact.path / ckpt
+
+
 def load_teacher_from(root: Path, record: dict[str, Any], device: str, resize_long_side: int | None):
     from partdistill.models.teacher import Teacher
 

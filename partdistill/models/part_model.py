@@ -1,0 +1,179 @@
+"""The trainable part model of the `proposals` and `distill` stages, and its training data.
+
+``PartModel`` is an mmengine model: the teacher's backbone (frozen, in eval mode) feeding a
+:class:`~partdistill.models.part_decoder.PartDecoder` whose pixel decoder is frozen too, as the
+reference freezes the backbone and the deformable encoder. Only the transformer decoder, the
+query embeddings and the class/mask heads learn. Both frozen parts start from the teacher's
+weights (:func:`teacher_init_state`); so does the transformer decoder, except the class head,
+whose size differs, and the queries when their number differs.
+
+``PartsDataset`` reads a JSON list of images with part masks (COCO RLE), which the stage writes
+into the training run's folder; ``FilterSmallParts`` is the reference's "a part must cover at
+least 5% of the summed part area" filter, applied after augmentation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from mmcv.transforms import BaseTransform
+from mmdet.datasets import BaseDetDataset
+from mmdet.registry import DATASETS, MODELS, TRANSFORMS
+from mmengine.model import BaseModel
+from torch import Tensor
+
+from partdistill.models.part_decoder import PartDecoder
+
+
+@MODELS.register_module()
+class PartModel(BaseModel):
+    """Frozen teacher backbone + part decoder, trained with mmengine's Runner.
+
+    Args:
+        backbone: the teacher's ``model.backbone`` config.
+        head: the teacher's ``model.panoptic_head`` config (its architecture keys are used).
+        data_preprocessor: the teacher's ``model.data_preprocessor`` config.
+        num_queries, num_points, num_classes, loss weights: see :class:`PartDecoder`.
+        freeze_pixel_decoder: keep the teacher's pixel decoder fixed (the reference does).
+    """
+
+    def __init__(self, backbone: Mapping[str, Any], head: Mapping[str, Any],
+                 data_preprocessor: Mapping[str, Any] | None = None, num_queries: int = 200,
+                 num_points: int = 12544, num_classes: int = 1, cls_weight: float = 2.0,
+                 mask_weight: float = 5.0, dice_weight: float = 5.0, no_object_weight: float = 0.1,
+                 importance_sample_ratio: float = 0.75, freeze_pixel_decoder: bool = True,
+                 init_cfg: dict | None = None) -> None:
+        super().__init__(data_preprocessor=dict(data_preprocessor) if data_preprocessor else None,
+                         init_cfg=init_cfg)
+        backbone = dict(backbone)
+        backbone.pop("init_cfg", None)   # weights come from the teacher's checkpoint, never a download
+        if "pretrained" in backbone:
+            backbone["pretrained"] = False
+        self.backbone = MODELS.build(backbone)
+        self.decoder = PartDecoder(head, num_queries=num_queries, num_points=num_points,
+                                   num_classes=num_classes, cls_weight=cls_weight, mask_weight=mask_weight,
+                                   dice_weight=dice_weight, no_object_weight=no_object_weight,
+                                   importance_sample_ratio=importance_sample_ratio)
+        self.freeze_pixel_decoder = freeze_pixel_decoder
+        for p in self.frozen_modules().parameters():
+            p.requires_grad_(False)
+
+    def frozen_modules(self) -> torch.nn.ModuleList:
+        mods = [self.backbone]
+        if self.freeze_pixel_decoder:
+            mods.append(self.decoder.head.pixel_decoder)
+        return torch.nn.ModuleList(mods)
+
+    def train(self, mode: bool = True) -> PartModel:
+        super().train(mode)
+        self.frozen_modules().eval()  # frozen BatchNorm/GroupNorm statistics stay the teacher's
+        return self
+
+    def extract_feat(self, inputs: Tensor) -> list[Tensor]:
+        with torch.no_grad():
+            return list(self.backbone(inputs))
+
+    def loss(self, inputs: Tensor, data_samples: Sequence[Any]) -> dict[str, Tensor]:
+        feats = self.extract_feat(inputs)
+        return {k: v.reshape(()) for k, v in self.decoder.head.loss(feats, data_samples).items()}
+
+    def forward(self, inputs: Tensor, data_samples: Sequence[Any] | None = None, mode: str = "tensor"):
+        if mode == "loss":
+            return self.loss(inputs, data_samples)
+        metas = [s.metainfo for s in data_samples] if data_samples is not None else None
+        feats = self.extract_feat(inputs)
+        if mode == "predict":
+            return self.decoder.predict(feats, metas)
+        if mode == "tensor":
+            return self.decoder(feats, metas)
+        raise ValueError(f"unknown mode {mode!r}: 'loss', 'predict' or 'tensor'")
+
+
+def model_config(teacher_model: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """A ``PartModel`` config from a teacher's mmdet ``model`` config; kwargs go to PartModel."""
+    for key in ("backbone", "panoptic_head", "data_preprocessor"):
+        if key not in teacher_model:
+            raise ValueError(f"the teacher's model config has no {key!r}: the part decoder needs a "
+                             "Mask2Former-style teacher (backbone + panoptic_head)")
+    return dict(type="PartModel", backbone=dict(teacher_model["backbone"]), head=dict(teacher_model["panoptic_head"]),
+                data_preprocessor=dict(teacher_model["data_preprocessor"]), **kwargs)
+
+
+def teacher_init_state(model: PartModel, teacher_state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """The PartModel state that starts from a teacher checkpoint (keys ``backbone.*`` and
+    ``panoptic_head.*``): every tensor whose name and shape fit; the rest keep the model's own
+    initialisation. Returns (the full state dict, the keys left at their initialisation)."""
+    own = model.state_dict()
+    state: dict[str, Tensor] = {}
+    fresh = []
+    for key, value in own.items():
+        source = "panoptic_head." + key.removeprefix("decoder.head.") if key.startswith("decoder.head.") else key
+        theirs = teacher_state.get(source)
+        if theirs is not None and theirs.shape == value.shape:
+            state[key] = theirs.detach().clone()
+        else:
+            state[key] = value.detach().clone()
+            fresh.append(key)
+    missing_frozen = [k for k in fresh if k.startswith("backbone.") or ".pixel_decoder." in k]
+    if missing_frozen and model.freeze_pixel_decoder:
+        raise ValueError(f"the teacher checkpoint lacks {len(missing_frozen)} weights of the frozen backbone/pixel "
+                         f"decoder (first: {', '.join(missing_frozen[:3])}): they would stay random")
+    return state, fresh
+
+
+@torch.no_grad()
+def predict_parts(model: PartModel, images: Sequence[np.ndarray], device: str = "cpu") -> list[dict[str, Tensor]]:
+    """Part queries for RGB uint8 (H, W, 3) images at their own size: per image ``masks`` float
+    (Q, H, W) probabilities, ``scores`` float (Q,) (num_classes = 1) or ``class_scores`` (Q,
+    num_classes + 1) and ``query_features`` (Q, C); see :meth:`PartDecoder.predict`."""
+    from mmdet.structures import DetDataSample
+
+    model.eval()
+    inputs, samples = [], []
+    for img in images:
+        h, w = img.shape[:2]
+        inputs.append(torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1])).permute(2, 0, 1).float())  # BGR
+        samples.append(DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w))))
+    data = model.data_preprocessor({"inputs": inputs, "data_samples": samples}, False)
+    return model(data["inputs"].to(device), data["data_samples"], mode="predict")
+
+
+@DATASETS.register_module()
+class PartsDataset(BaseDetDataset):
+    """Images with part masks, from a JSON list written by the stage. Each entry:
+    ``{img_path, img_id, height, width, instances: [{bbox: [x1, y1, x2, y2], bbox_label,
+    mask: {size, counts}, ignore_flag}]}``; labels are 0 ("part") for the proposals."""
+
+    METAINFO = {"classes": ("part",)}
+
+    def load_data_list(self) -> list[dict]:
+        with open(self.ann_file) as f:
+            return json.load(f)
+
+
+@TRANSFORMS.register_module()
+class FilterSmallParts(BaseTransform):
+    """Drop part masks under ``min_fraction`` of the image's summed part area (after augmentation);
+    an image left with no part is dropped (the dataset then draws another)."""
+
+    def __init__(self, min_fraction: float = 0.05) -> None:
+        self.min_fraction = min_fraction
+
+    def transform(self, results: dict) -> dict | None:
+        masks = results.get("gt_masks")
+        if masks is None or len(masks) == 0:
+            return None
+        areas = np.asarray(masks.areas, dtype=np.float64)
+        keep = (areas > 0) & (areas >= self.min_fraction * areas.sum())
+        if not keep.any():
+            return None
+        if not keep.all():
+            for key in ("gt_masks", "gt_bboxes", "gt_bboxes_labels", "gt_ignore_flags"):
+                if key in results:
+                    results[key] = results[key][keep]
+        return results
+

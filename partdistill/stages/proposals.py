@@ -1,0 +1,443 @@
+"""Stage `proposals`: the class-agnostic part decoder and its self-training rounds (paper §4.2, Fig. 3).
+
+Round 1 trains a :class:`~partdistill.models.part_model.PartModel` (frozen teacher backbone and
+pixel decoder, a Mask2Former transformer decoder with one class, "part") on the mined parts;
+round n > 1 trains the next student on what round n − 1's model found, starting from that model
+(the teacher of self-training is the previous student's snapshot, paper §3). Each round is its
+own artifact, ``proposals_r{n}``, so a failed round reruns alone and asking for more rounds keeps
+the finished ones.
+
+Training data: the instances of ``train_splits`` whose mask covers at least
+``min_object_fraction`` of the image, with their parts (mined, or the previous round's); after
+flip and large-scale-jitter augmentation, parts under ``min_part_fraction`` of the image's summed
+part area are dropped (the reference's filters).
+
+Labelling: the trained model runs on every image that has instances (all splits). A query is kept
+when its score is at least ``label.score_threshold`` and its mask (probability >
+``label.mask_threshold``) overlaps an object; it goes to the object it overlaps with the highest
+IoU (Eq. 1). Inside each object every pixel goes to its most confident kept query
+(argmax of mask × score), so an object's pseudo-parts are disjoint and clipped to it; a segment
+under ``label.min_fraction`` of the object's area is dropped.
+
+Reads: `data` (images), `teacher` (its weights and config), `instances` (objects), `mining`
+(round 1) or the previous round. Writes:
+
+- ``checkpoint.pth``   {state_dict, meta}: the trained PartModel (tensors and built-ins only)
+- ``model.json``       the PartModel config (:func:`load_part_model` rebuilds it)
+- ``pseudo_parts_r{n}.parquet``  one row per pseudo-part: instance_id:int64, image_id:int64,
+  split:str, query:int16, score:float32, rle:str (COCO counts of the full-image mask), area:int64,
+  height:int32, width:int32, feature:list<float32> (the query's decoded feature, ``C`` values)
+- ``skipped.parquet``  instance_id, image_id, reason: training instances left out, and why
+- ``metrics.json``     training-set counts, losses, timings, pseudo-part statistics
+- ``losses.json``, ``loss.png``  the training curve; ``pseudo_parts.png`` a few labelled images
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from partdistill.stages.base import Stage, StageContext
+from partdistill.storage import write_json_atomic, write_parquet
+
+PSEUDO_SCHEMA = pa.schema([
+    ("instance_id", pa.int64()), ("image_id", pa.int64()), ("split", pa.string()), ("query", pa.int16()),
+    ("score", pa.float32()), ("rle", pa.string()), ("area", pa.int64()), ("height", pa.int32()),
+    ("width", pa.int32()), ("feature", pa.list_(pa.float32())),
+])
+SKIPPED_SCHEMA = pa.schema([("instance_id", pa.int64()), ("image_id", pa.int64()), ("reason", pa.string())])
+
+
+class NoTrainingData(ValueError):
+    """No instance of the training splits has a usable part: nothing to train on."""
+
+
+def pseudo_parts_name(round_: int) -> str:
+    return f"pseudo_parts_r{round_}.parquet"
+
+
+# ---------------------------------------------------------------------------------------- data
+def training_records(
+    instances: Sequence[Mapping[str, Any]],
+    parts: Sequence[Mapping[str, Any]],
+    image_dir: Path,
+    splits: Sequence[str],
+    min_object_fraction: float,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The PartsDataset entries (one per image with a usable instance) and the skipped instances.
+
+    instances: `instances` rows (instance_id, image_id, split, file_name, area, height, width);
+    parts: part rows (instance_id, rle, area, height, width) — mined or pseudo-parts."""
+    from partdistill.storage import rle_to_mask
+
+    by_instance: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
+    for p in parts:
+        by_instance[int(p["instance_id"])].append(p)
+    images: dict[int, dict[str, Any]] = {}
+    skipped = []
+    for inst in sorted(instances, key=lambda r: r["instance_id"]):
+        if inst["split"] not in splits:
+            continue
+        h, w = int(inst["height"]), int(inst["width"])
+        reason = None
+        fraction = int(inst["area"]) / max(h * w, 1)
+        if fraction < min_object_fraction:
+            reason = f"object under min_object_fraction ({fraction:.3f} < {min_object_fraction})"
+        elif not by_instance.get(int(inst["instance_id"])):
+            reason = "no parts"
+        if reason is not None:
+            skipped.append({"instance_id": int(inst["instance_id"]), "image_id": int(inst["image_id"]),
+                            "reason": reason})
+            continue
+        entry = images.setdefault(int(inst["image_id"]), {
+            "img_path": str(image_dir / inst["file_name"]), "img_id": int(inst["image_id"]),
+            "height": h, "width": w, "instances": []})
+        for p in sorted(by_instance[int(inst["instance_id"])], key=lambda r: (r.get("part", 0), r.get("query", 0))):
+            ys, xs = np.nonzero(rle_to_mask({"size": [h, w], "counts": p["rle"]}))
+            if len(ys) == 0:
+                continue
+            entry["instances"].append({
+                "bbox": [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)],
+                "bbox_label": 0, "mask": {"size": [h, w], "counts": p["rle"]}, "ignore_flag": 0})
+    records = [images[k] for k in sorted(images) if images[k]["instances"]]
+    return records, skipped
+
+
+# ---------------------------------------------------------------------------------------- labelling
+def label_image(
+    masks: np.ndarray,
+    scores: np.ndarray,
+    objects: Sequence[np.ndarray],
+    score_threshold: float,
+    mask_threshold: float = 0.5,
+    min_fraction: float = 0.05,
+) -> list[list[tuple[int, np.ndarray]]]:
+    """Pseudo-parts of one image's objects.
+
+    masks: float (Q, H, W) mask probabilities; scores: float (Q,); objects: bool (H, W) masks.
+    Returns per object a list of (query index, bool (H, W) segment): the queries this object wins
+    by IoU (Eq. 1, :func:`~partdistill.models.ranking.associate`), each pixel of the object going
+    to its most confident one (argmax of mask × score among queries whose mask covers it); a
+    query scoring at most ``score_threshold`` or covering under ``min_fraction`` of the object
+    is dropped (:func:`~partdistill.models.ranking.candidates`). Segments are disjoint and inside
+    the object."""
+    from partdistill.models.ranking import associate, candidates
+
+    out: list[list[tuple[int, np.ndarray]]] = [[] for _ in objects]
+    if len(objects) == 0 or len(scores) == 0:
+        return out
+    owner = associate(masks, np.stack([np.asarray(o, bool) for o in objects]), mask_threshold)
+    for o, omask in enumerate(objects):
+        mine = np.nonzero(owner == o)[0]
+        if len(mine) == 0:
+            continue
+        found = candidates(masks[mine], scores[mine], omask, score_threshold=score_threshold,
+                           min_fraction=min_fraction, mask_threshold=mask_threshold)
+        out[o] = [(int(mine[q]), seg) for q, seg in zip(found.queries, found.segments, strict=True)]
+    return out
+
+
+def load_part_model(artifact: Any, device: str = "cpu"):
+    """The trained PartModel of a `proposals_r{n}` (or `distill`) artifact, in eval mode."""
+    from mmdet.registry import MODELS
+
+    import partdistill.models.part_model  # noqa: F401  (registers PartModel)
+    from partdistill.models.teacher import check_and_load, load_state_dict, register_mmdet
+
+    register_mmdet()
+    model = MODELS.build(json.loads(artifact.file("model.json").read_text()))
+    path = artifact.file("checkpoint.pth")
+    check_and_load(model, load_state_dict(path), path)
+    return model.to(device).eval()
+
+
+def label_images(model: Any, items: Sequence[Mapping[str, Any]], image_dir: Path, cfg: Mapping[str, Any],
+                 device: str, batch_size: int, on_batch=None) -> list[dict[str, Any]]:
+    """PSEUDO_SCHEMA rows for a group of images. items: per image {file_name, image_id, split,
+    instances: [`instances` rows]}."""
+    from partdistill.data.images import load_rgb
+    from partdistill.models.part_model import predict_parts
+    from partdistill.storage import mask_to_rle, rle_to_mask
+
+    lab = cfg["label"]
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        preds = predict_parts(model, [load_rgb(image_dir / it["file_name"]) for it in batch], device)
+        for it, pred in zip(batch, preds, strict=True):
+            objs = [rle_to_mask({"size": [int(r["height"]), int(r["width"])], "counts": r["rle"]})
+                    for r in it["instances"]]
+            masks = pred["masks"].cpu().numpy()
+            scores = pred["scores"].cpu().numpy()
+            feats = pred["query_features"].cpu().numpy()
+            for inst, found in zip(it["instances"], label_image(masks, scores, objs, lab["score_threshold"],
+                                                                lab["mask_threshold"], lab["min_fraction"]),
+                                   strict=True):
+                for q, seg in found:
+                    rows.append({"instance_id": int(inst["instance_id"]), "image_id": int(it["image_id"]),
+                                 "split": it["split"], "query": q, "score": float(scores[q]),
+                                 "rle": mask_to_rle(seg)["counts"], "area": int(seg.sum()),
+                                 "height": seg.shape[0], "width": seg.shape[1],
+                                 "feature": feats[q].astype(np.float32).tolist()})
+        if on_batch is not None:
+            on_batch(len(batch))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- training
+def _train(ctx: StageContext, records: list[dict[str, Any]], work: Path) -> dict[str, Any]:
+    """Train this round's PartModel (resuming from ``work``); returns {state_dict, losses, iters, model}."""
+    import torch
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+
+    import partdistill.models.part_model  # noqa: F401
+    from partdistill.models.part_model import model_config, teacher_init_state
+    from partdistill.models.teacher import load_state_dict, register_mmdet
+    from partdistill.models.train_parts import has_checkpoint, training_config
+    from partdistill.models.train_teacher import train
+    from partdistill.stages.teacher import teacher_checkpoint
+
+    cfg = ctx.config
+    register_mmdet()
+    teacher = ctx.inputs["teacher"]
+    tcfg = Config.fromfile(str(teacher.file("mmdet_config.py")))
+    lw = cfg["loss_weights"]
+    mcfg = model_config(tcfg.model.to_dict(), num_queries=int(cfg["num_queries"]), num_points=int(cfg["num_points"]),
+                        cls_weight=lw["cls"], mask_weight=lw["mask"], dice_weight=lw["dice"],
+                        no_object_weight=lw["no_object"], importance_sample_ratio=cfg["importance_sample_ratio"],
+                        freeze_pixel_decoder=bool(cfg["freeze_pixel_decoder"]))
+    work.mkdir(parents=True, exist_ok=True)
+    ann = work / "parts.json"
+    write_json_atomic(ann, records)
+    init = work / "init.pth"
+    fresh: list[str] = []
+    if not has_checkpoint(work / "runner"):
+        model = MODELS.build(mcfg)
+        model.init_weights()
+        if ctx.round == 1 or cfg["round_init"] == "teacher":
+            state, fresh = teacher_init_state(model, load_state_dict(teacher_checkpoint(teacher)))
+        else:
+            state = load_state_dict(ctx.inputs["proposals"].file("checkpoint.pth"))
+        torch.save({"state_dict": state}, init)
+    device = ctx.runtime.get("device", "cpu")
+    opt = cfg["optimizer"]
+    gpus = int(ctx.runtime.get("gpus", 1))
+    rcfg = training_config(
+        mcfg, ann, work / "runner", init, image_size=cfg["image_size"], max_iters=int(cfg["max_iters"]),
+        batch_size=int(cfg["batch_size"]), lr=opt["lr"], weight_decay=opt["weight_decay"],
+        clip_grad=opt["clip_grad"], accumulate=int(cfg["accumulate"]), scale_range=cfg["scale_range"],
+        flip=bool(cfg["flip"]), min_part_fraction=cfg["min_part_fraction"], seed=int(cfg["seed"]),
+        checkpoint_interval=int(cfg["checkpoint_interval"]), amp=device == "cuda",
+        launcher="pytorch" if gpus > 1 else "none")
+    # losses go to a file as they come, so that a resumed run still reports the whole curve
+    log = work / "losses.txt"
+    resumed_from = _last_iter(work / "runner")
+    if resumed_from == 0:
+        log.unlink(missing_ok=True)
+    else:  # keep the iterations the checkpoint covers; later ones are redone
+        log.write_text("".join(log.read_text().splitlines(keepends=True)[:resumed_from]) if log.exists() else "")
+
+    def on_iter(i: int, loss: float) -> None:
+        with log.open("a") as f:
+            f.write(f"{loss}\n")
+        bar.advance(1)
+
+    with ctx.progress.task(f"proposals r{ctx.round}: training", total=int(cfg["max_iters"])) as bar:
+        bar.advance(resumed_from)
+        if gpus > 1:
+            result = _train_distributed(rcfg, work, gpus)
+            bar.advance(int(cfg["max_iters"]) - resumed_from)
+        else:
+            result = train(rcfg, on_iter=on_iter, device=device)
+            result["losses"] = [float(v) for v in log.read_text().split()]
+    result.update(model=mcfg, fresh_keys=fresh, resumed_from=resumed_from)
+    return result
+
+
+def _last_iter(runner_dir: Path) -> int:
+    """The iteration of the checkpoint a run in ``runner_dir`` would resume from (0: none)."""
+    import re
+
+    from partdistill.models.train_parts import has_checkpoint
+
+    if not has_checkpoint(runner_dir):
+        return 0
+    match = re.search(r"iter_(\d+)\.pth$", (runner_dir / "last_checkpoint").read_text().strip())
+    return int(match.group(1)) if match else 0
+
+
+def _train_distributed(rcfg: Any, work: Path, gpus: int) -> dict[str, Any]:
+    """Data-parallel training: ``torchrun`` runs :mod:`partdistill.models.train_parts` on the dumped config."""
+    import torch
+
+    path = work / "runner_config.py"
+    rcfg.dump(str(path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+           "-m", "partdistill.models.train_parts", str(path), "--launcher", "pytorch"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"distributed training failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                           f"{proc.stderr[-4000:]}")
+    runner_dir = Path(rcfg.work_dir)
+    state = torch.load(runner_dir / "result.pth", map_location="cpu", weights_only=True)
+    return {"state_dict": state["state_dict"], "iters": state["meta"]["iters"],
+            "losses": json.loads((runner_dir / "losses.json").read_text())}
+
+
+# ---------------------------------------------------------------------------------------- stage
+def _part_rows(ctx: StageContext) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    if ctx.round == 1:
+        table = pq.read_table(ctx.inputs["mining"].path / "mined_parts")
+    else:
+        table = pq.read_table(ctx.inputs["proposals"].file(pseudo_parts_name(ctx.round - 1)))
+    return table.select(["instance_id", "rle", "area", "height", "width"]).to_pylist()
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from partdistill.models.train_teacher import save_checkpoint
+    from partdistill.stages.instances import read_instances
+    from partdistill.stages.teacher import _plot_losses, _tail_mean
+
+    cfg, r = ctx.config, ctx.round or 1
+    out = ctx.writer.path
+    data = ctx.inputs["data"]
+    columns = ["instance_id", "image_id", "split", "file_name", "rle", "area", "height", "width"]
+    instances = read_instances(ctx.inputs["instances"]).select(columns).to_pylist()
+    times: dict[str, float] = {}
+
+    # ---- train (one resumable step: the Runner resumes inside it; its marker skips it after)
+    if not ctx.writer.shard_done("train"):
+        start = time.monotonic()
+        records, skipped = training_records(instances, _part_rows(ctx), data.path, cfg["train_splits"],
+                                            cfg["min_object_fraction"])
+        if not records:
+            reasons = Counter(s["reason"].split(" (")[0] for s in skipped)
+            raise NoTrainingData(
+                f"proposals round {r}: no usable instance to train on: {len(instances)} instances in the "
+                f"`instances` artifact, {sum(1 for i in instances if i['split'] in cfg['train_splits'])} in splits "
+                f"{list(cfg['train_splits'])}, skipped: {dict(reasons) or 'none'}. Check the teacher's detections "
+                "(instances.score_threshold) and the mined parts, or lower proposals.min_object_fraction.")
+        write_parquet(out / "skipped.parquet", {c: [s[c] for s in skipped] for c in SKIPPED_SCHEMA.names},
+                      SKIPPED_SCHEMA)
+        result = _train(ctx, records, out / "work")
+        save_checkpoint(out / "checkpoint.pth", result["state_dict"],
+                             {"round": r, "iters": result["iters"], "fresh_keys": result["fresh_keys"]})
+        write_json_atomic(out / "model.json", result["model"])
+        write_json_atomic(out / "losses.json", result["losses"])
+        _plot_losses(result["losses"], out / "loss.png")
+        ctx.writer.complete_shard("train", ["checkpoint.pth", "model.json", "losses.json", "skipped.parquet"], meta={
+            "images": len(records), "parts": sum(len(e["instances"]) for e in records),
+            "instances_used": sum(1 for i in instances if i["split"] in cfg["train_splits"]) - len(skipped),
+            "skipped": len(skipped), "skipped_reasons": dict(Counter(s["reason"].split(" (")[0] for s in skipped)),
+            "iters": result["iters"], "resumed_from": result["resumed_from"],
+            "seconds": round(time.monotonic() - start, 1)})
+        shutil.rmtree(out / "work", ignore_errors=True)
+    train_meta = ctx.writer.shard_meta("train")
+    times["train"] = train_meta["seconds"]
+
+    # ---- label every image that has instances, in resumable shards
+    start = time.monotonic()
+    by_image: dict[int, dict[str, Any]] = {}
+    for inst in sorted(instances, key=lambda i: i["instance_id"]):
+        by_image.setdefault(int(inst["image_id"]), {"image_id": int(inst["image_id"]), "file_name": inst["file_name"],
+                                                    "split": inst["split"], "instances": []})["instances"].append(inst)
+    items = [by_image[k] for k in sorted(by_image)]
+    size = int(cfg["label"]["shard_images"])
+    shards = [items[i:i + size] for i in range(0, len(items), size)]
+    device = ctx.runtime.get("device", "cpu")
+    model = None
+    (out / "pseudo").mkdir(exist_ok=True)
+    with ctx.progress.task(f"proposals r{r}: labelling", total=len(items)) as bar:
+        for index, shard in enumerate(shards):
+            name = f"pseudo-{index:05d}"
+            if not ctx.writer.shard_done(name):
+                model = model or load_part_model(_Local(out), device)
+                rows = label_images(model, shard, data.path, cfg, device, int(cfg["batch_size"]))
+                write_parquet(out / "pseudo" / f"{name}.parquet",
+                              {c: [row[c] for row in rows] for c in PSEUDO_SCHEMA.names}, PSEUDO_SCHEMA)
+                ctx.writer.complete_shard(name, [f"pseudo/{name}.parquet"], meta={"parts": len(rows)})
+            bar.advance(len(shard))
+    tables = [pq.read_table(out / "pseudo" / f"pseudo-{i:05d}.parquet") for i in range(len(shards))]
+    table = pa.concat_tables(tables) if tables else PSEUDO_SCHEMA.empty_table()
+    pq.write_table(table, out / pseudo_parts_name(r))
+    shutil.rmtree(out / "pseudo")
+    times["label"] = round(time.monotonic() - start, 1)
+
+    _preview(table, items, data.path, out / "pseudo_parts.png")
+    losses = json.loads((out / "losses.json").read_text())
+    per_instance = Counter(table.column("instance_id").to_pylist())
+    scores = table.column("score").to_numpy() if table.num_rows else np.zeros(0)
+    metrics = {
+        "round": r,
+        "train": {k: train_meta[k] for k in ("images", "parts", "instances_used", "skipped", "skipped_reasons",
+                                              "iters", "resumed_from")},
+        "loss": {"first": round(float(np.mean(losses[:10])), 4) if losses else None,
+                 "last": round(_tail_mean(losses), 4) if losses else None},
+        "pseudo_parts": {"images": len(items), "instances": len(instances), "instances_with_parts": len(per_instance),
+                         "parts": table.num_rows,
+                         "parts_per_instance": round(table.num_rows / max(len(per_instance), 1), 2),
+                         "mean_score": round(float(scores.mean()), 4) if len(scores) else None},
+        "seconds": times,
+    }
+    write_json_atomic(out / "metrics.json", metrics)
+    return {"round": r, "train_images": train_meta["images"], "train_parts": train_meta["parts"],
+            "skipped_instances": train_meta["skipped"], "iters": train_meta["iters"],
+            "final_loss": metrics["loss"]["last"], "pseudo_parts": table.num_rows,
+            "parts_per_instance": metrics["pseudo_parts"]["parts_per_instance"],
+            "train_seconds": times["train"], "label_seconds": times["label"]}
+
+
+class _Local:
+    """The artifact interface ``load_part_model`` needs, over the folder being written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+def _preview(table: pa.Table, items: Sequence[Mapping[str, Any]], image_dir: Path, path: Path, n: int = 6) -> None:
+    """A strip of the first ``n`` labelled images with their pseudo-parts."""
+    from partdistill.data.images import load_rgb
+    from partdistill.evaluation.overlays import grid, parts_overlay, save_png
+    from partdistill.storage import rle_to_mask
+
+    by_instance: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for row in table.select(["instance_id", "rle", "height", "width"]).to_pylist():
+        by_instance[row["instance_id"]].append(row)
+    tiles = []
+    for it in items[:n]:
+        img = load_rgb(image_dir / it["file_name"])
+        maps = []
+        for inst in it["instances"]:
+            labels = np.full(img.shape[:2], -1, np.int32)
+            for i, r in enumerate(by_instance[int(inst["instance_id"])]):
+                labels[rle_to_mask({"size": [r["height"], r["width"]], "counts": r["rle"]})] = i
+            maps.append(labels)
+        tiles.append(parts_overlay(img, maps))
+    if tiles:
+        save_png(path, grid([tiles]))
+
+
+def _rounds(section: dict[str, Any]) -> int:
+    return section["rounds"]
+
+
+STAGE = Stage("proposals", ("data", "teacher", "instances", "mining"), "1", run, summary="part decoder",
+              rounds=_rounds, round_keys=("rounds",))
