@@ -144,6 +144,58 @@ def partsworld(
     Console().print(f"wrote {out} (preview: {out / 'preview.png'})")
 
 
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="image files or folders (searched recursively for "
+                                                      ".jpg .jpeg .png .bmp .webp)")],
+    out: Annotated[Path, typer.Option(help="output folder: predictions.json and overlays/")],
+    model: Annotated[str | None, typer.Option(
+        help="distill artifact: its folder (STORE/distill_r1/<version>), distill_rN/<version> or distill_rN "
+             "(default: the newest distill_r* artifact in the store)")] = None,
+    store: Annotated[Path, typer.Option("--store", help="artifact store root")] = Path("store"),
+    device: Annotated[str, typer.Option(help="'cpu' or 'cuda'")] = "cpu",
+    score_threshold: Annotated[float | None, typer.Option(help="keep parts scoring above this "
+                                                               "(default: the model's distill.label)")] = None,
+    mask_threshold: Annotated[float | None, typer.Option(help="binarise part masks above this "
+                                                              "(default: the model's distill.label)")] = None,
+    min_fraction: Annotated[float | None, typer.Option(help="drop parts under this fraction of their object "
+                                                            "(default: the model's distill.label)")] = None,
+) -> None:
+    """Segment the parts of the objects in new images with a trained distill model."""
+    from partdistill.predict import ModelNotFound, Predictor, find_images, write_predictions
+    from partdistill.progress import RichProgress
+
+    paths, missing = find_images(images)
+    for path, reason in missing:
+        console.print(f"[red]{path}: {reason}[/red]")
+    if not paths:
+        console.print(f"[red]no images found in {', '.join(map(str, images))}[/red]")
+        raise typer.Exit(1)
+    try:
+        thresholds = {"score_threshold": score_threshold, "mask_threshold": mask_threshold,
+                      "min_fraction": min_fraction}
+        predictor = Predictor.from_store(store, model, device,
+                                         **{k: v for k, v in thresholds.items() if v is not None})
+    except ModelNotFound as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(EXIT_CONFIG) from None
+    console.print(f"model {predictor.description}, {len(paths)} image(s)", soft_wrap=True)
+    start = time.monotonic()
+    with RichProgress() as progress, progress.task("predict", total=len(paths)) as bar:
+        def on_image(pred) -> None:
+            if pred.error is not None:
+                console.print(f"[red]skipped {pred.path}: {pred.error}[/red]", soft_wrap=True)
+            bar.advance(1)
+
+        summary = write_predictions(predictor, paths, out, on_image)
+    failed = len(summary.failed) + len(missing)
+    console.print(f"{summary.images} image(s): {summary.objects} object(s), {summary.parts} part(s) "
+                  f"in {time.monotonic() - start:.1f} s; {failed} failed", soft_wrap=True)
+    Console().print(f"wrote {summary.path} and {out / 'overlays'}", soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

@@ -1,7 +1,30 @@
-# Stage `distill`: the final self-training with the part-cluster ids as labels.
+# Stage `distill`: the final self-training with the part-cluster ids as labels (paper §4.3).
+# The model is the proposals' decoder with a class-conditioned head (k part logits per object
+# class + no-object); round 1 starts from the last proposals round. Same training keys as `proposals`.
 distill = dict(
     rounds=1,
+    num_queries=50,            # keep equal to proposals.num_queries: the queries start from the proposals model
+    num_points=2048,
+    importance_sample_ratio=0.75,
+    freeze_pixel_decoder=True,
+    round_init='previous',     # round n > 1 starts from: 'previous' (round n-1) | 'proposals'
+    train_splits=['train'],
+    min_object_fraction=0.05,
+    min_part_fraction=0.05,
+    image_size=[192, 256],
+    scale_range=[0.5, 1.5],
+    flip=True,
+    loss_weights=dict(cls=2.0, mask=5.0, dice=5.0, no_object=0.1),
+    optimizer=dict(lr=1e-4, weight_decay=0.05, clip_grad=0.01),
     max_iters=300,
     batch_size=4,
+    accumulate=1,
+    checkpoint_interval=50,
     seed=0,
+    label=dict(
+        score_threshold=0.3,   # a part's score: its best probability among its object class's k part logits
+        mask_threshold=0.5,
+        min_fraction=0.05,
+        shard_images=32,
+    ),
 )

@@ -18,6 +18,7 @@ tensors the teacher's own head consumes; they are detached, so no gradient reach
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,6 +40,57 @@ _ARCH_KEYS = ("in_channels", "strides", "feat_channels", "out_channels", "num_tr
 
 
 @MODELS.register_module()
+class ConditionedMask2FormerHead(Mask2FormerHead):
+    """Mask2FormerHead whose classes are ``parts_per_class`` part clusters per object class, and
+    whose class logits are limited, per image, to the slices of the object classes it holds
+    (``metainfo["object_classes"]``) plus no-object.
+
+    The reference knows each ImageNet image's one class and slices a linear layer of
+    k × classes + 1 outputs by it; images with several objects get the union of their classes'
+    slices here. A masked logit is set to a large negative constant, so it takes no part in the
+    softmax, the matching cost or the loss, and its weights get no gradient. An image without
+    ``object_classes`` is unconstrained."""
+
+    def __init__(self, *args: Any, parts_per_class: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if parts_per_class < 1 or self.num_classes % parts_per_class:
+            raise ValueError(f"{self.num_classes} classes are not a multiple of parts_per_class={parts_per_class}")
+        self.parts_per_class = parts_per_class
+        self._allowed: Tensor | None = None
+
+    def allowed(self, samples: Sequence[DetDataSample], device: torch.device) -> Tensor | None:
+        """bool (B, num_classes + 1): the logits each image may use; None when all may."""
+        if not any("object_classes" in s.metainfo for s in samples):
+            return None
+        k, n_obj = self.parts_per_class, self.num_classes // self.parts_per_class
+        mask = torch.zeros(len(samples), self.num_classes + 1, dtype=torch.bool, device=device)
+        mask[:, -1] = True
+        for b, s in enumerate(samples):
+            classes = s.metainfo.get("object_classes")
+            if classes is None:
+                mask[b] = True
+                continue
+            for c in classes:
+                if not 0 <= int(c) < n_obj:
+                    raise ValueError(f"object class {c} outside the head's {n_obj} classes")
+                mask[b, int(c) * k:(int(c) + 1) * k] = True
+        return mask
+
+    def forward(self, x: list[Tensor], batch_data_samples: Sequence[DetDataSample]):
+        self._allowed = self.allowed(batch_data_samples, x[0].device)
+        try:
+            return super().forward(x, batch_data_samples)
+        finally:
+            self._allowed = None
+
+    def _forward_head(self, decoder_out: Tensor, mask_feature: Tensor, attn_mask_target_size):
+        cls_pred, mask_pred, attn_mask = super()._forward_head(decoder_out, mask_feature, attn_mask_target_size)
+        if self._allowed is not None:
+            cls_pred = cls_pred.masked_fill(~self._allowed[:, None, :], -1e4)
+        return cls_pred, mask_pred, attn_mask
+
+
+@MODELS.register_module()
 class PartDecoder(BaseModule):
     """Class-agnostic Mask2Former part decoder on frozen multi-scale features.
 
@@ -55,12 +107,14 @@ class PartDecoder(BaseModule):
         no_object_weight: the classification weight of the no-object class (0.1).
         num_classes: 1 ("part") for the class-agnostic proposals; the `distill` stage's
             class-conditioned head uses k part clusters × object classes.
+        parts_per_class: k, for the class-conditioned head (:class:`ConditionedMask2FormerHead`).
     """
 
     def __init__(self, head: Mapping[str, Any], num_queries: int = 200, num_points: int = 12544,
                  oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
                  cls_weight: float = 2.0, mask_weight: float = 5.0, dice_weight: float = 5.0,
-                 no_object_weight: float = 0.1, num_classes: int = 1, init_cfg: dict | None = None) -> None:
+                 no_object_weight: float = 0.1, num_classes: int = 1, parts_per_class: int | None = None,
+                 init_cfg: dict | None = None) -> None:
         super().__init__(init_cfg=init_cfg)
         arch = ConfigDict({k: copy.deepcopy(v) for k, v in dict(head).items() if k in _ARCH_KEYS})
         missing = [k for k in ("in_channels", "feat_channels", "out_channels", "pixel_decoder",
@@ -70,7 +124,10 @@ class PartDecoder(BaseModule):
         self.num_queries = num_queries
         self.num_points = num_points
         self.num_classes = num_classes
-        self.head = Mask2FormerHead(
+        head_type = Mask2FormerHead
+        if parts_per_class:
+            head_type = functools.partial(ConditionedMask2FormerHead, parts_per_class=parts_per_class)
+        self.head = head_type(
             **arch,
             num_things_classes=num_classes,
             num_stuff_classes=0,

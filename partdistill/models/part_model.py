@@ -39,6 +39,8 @@ class PartModel(BaseModel):
         data_preprocessor: the teacher's ``model.data_preprocessor`` config.
         num_queries, num_points, num_classes, loss weights: see :class:`PartDecoder`.
         freeze_pixel_decoder: keep the teacher's pixel decoder fixed (the reference does).
+        parts_per_class: k for the `distill` stage's class-conditioned head (num_classes = k × object
+            classes; the images' ``object_classes`` select the logits), None for the proposals.
     """
 
     def __init__(self, backbone: Mapping[str, Any], head: Mapping[str, Any],
@@ -46,7 +48,7 @@ class PartModel(BaseModel):
                  num_points: int = 12544, num_classes: int = 1, cls_weight: float = 2.0,
                  mask_weight: float = 5.0, dice_weight: float = 5.0, no_object_weight: float = 0.1,
                  importance_sample_ratio: float = 0.75, freeze_pixel_decoder: bool = True,
-                 init_cfg: dict | None = None) -> None:
+                 parts_per_class: int | None = None, init_cfg: dict | None = None) -> None:
         super().__init__(data_preprocessor=dict(data_preprocessor) if data_preprocessor else None,
                          init_cfg=init_cfg)
         backbone = dict(backbone)
@@ -57,7 +59,8 @@ class PartModel(BaseModel):
         self.decoder = PartDecoder(head, num_queries=num_queries, num_points=num_points,
                                    num_classes=num_classes, cls_weight=cls_weight, mask_weight=mask_weight,
                                    dice_weight=dice_weight, no_object_weight=no_object_weight,
-                                   importance_sample_ratio=importance_sample_ratio)
+                                   importance_sample_ratio=importance_sample_ratio,
+                                   parts_per_class=parts_per_class)
         self.freeze_pixel_decoder = freeze_pixel_decoder
         for p in self.frozen_modules().parameters():
             p.requires_grad_(False)
@@ -104,15 +107,16 @@ def model_config(teacher_model: Mapping[str, Any], **kwargs: Any) -> dict[str, A
 
 
 def teacher_init_state(model: PartModel, teacher_state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
-    """The PartModel state that starts from a teacher checkpoint (keys ``backbone.*`` and
-    ``panoptic_head.*``): every tensor whose name and shape fit; the rest keep the model's own
-    initialisation. Returns (the full state dict, the keys left at their initialisation)."""
+    """The PartModel state that starts from a checkpoint: a teacher's (keys ``backbone.*`` and
+    ``panoptic_head.*``) or another PartModel's (``decoder.head.*``). Every tensor whose name and
+    shape fit is copied; the rest keep the model's own initialisation (the class head, when the
+    class count differs). Returns (the full state dict, the keys left at their initialisation)."""
     own = model.state_dict()
     state: dict[str, Tensor] = {}
     fresh = []
     for key, value in own.items():
         source = "panoptic_head." + key.removeprefix("decoder.head.") if key.startswith("decoder.head.") else key
-        theirs = teacher_state.get(source)
+        theirs = teacher_state.get(key, teacher_state.get(source))
         if theirs is not None and theirs.shape == value.shape:
             state[key] = theirs.detach().clone()
         else:
@@ -126,18 +130,21 @@ def teacher_init_state(model: PartModel, teacher_state: Mapping[str, Tensor]) ->
 
 
 @torch.no_grad()
-def predict_parts(model: PartModel, images: Sequence[np.ndarray], device: str = "cpu") -> list[dict[str, Tensor]]:
+def predict_parts(model: PartModel, images: Sequence[np.ndarray], device: str = "cpu",
+                  metas: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Tensor]]:
     """Part queries for RGB uint8 (H, W, 3) images at their own size: per image ``masks`` float
     (Q, H, W) probabilities, ``scores`` float (Q,) (num_classes = 1) or ``class_scores`` (Q,
-    num_classes + 1) and ``query_features`` (Q, C); see :meth:`PartDecoder.predict`."""
+    num_classes + 1) and ``query_features`` (Q, C); see :meth:`PartDecoder.predict`. ``metas``: per
+    image extra metainfo, e.g. ``object_classes`` for a class-conditioned model."""
     from mmdet.structures import DetDataSample
 
     model.eval()
     inputs, samples = [], []
-    for img in images:
+    for i, img in enumerate(images):
         h, w = img.shape[:2]
         inputs.append(torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1])).permute(2, 0, 1).float())  # BGR
-        samples.append(DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w))))
+        extra = dict(metas[i]) if metas is not None else {}
+        samples.append(DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), **extra)))
     data = model.data_preprocessor({"inputs": inputs, "data_samples": samples}, False)
     return model(data["inputs"].to(device), data["data_samples"], mode="predict")
 

@@ -66,7 +66,9 @@ def training_config(
                           allow_negative_crop=True)]
     pipeline += [dict(type="FilterAnnotations", min_gt_bbox_wh=(1e-5, 1e-5), by_mask=True, keep_empty=True),
                  dict(type="FilterSmallParts", min_fraction=_check_fraction(min_part_fraction)),
-                 dict(type="PackDetInputs")]
+                 # object_classes: the classes of the image's objects, which a class-conditioned head uses
+                 dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape",
+                                                       "scale_factor", "flip", "flip_direction", "object_classes"))]
     embed = dict(lr_mult=1.0, decay_mult=0.0)
     resume = has_checkpoint(work_dir)
     optim_wrapper: dict[str, Any] = dict(

@@ -15,7 +15,7 @@ def _register(stage: Stage) -> None:
 
 
 def _load() -> None:
-    from partdistill.stages import data, features, instances, later, mining, proposals, teacher
+    from partdistill.stages import data, distill, evaluate, features, instances, mining, proposals, ranking, teacher
 
     _register(data.STAGE)
     _register(teacher.STAGE)
@@ -23,8 +23,9 @@ def _load() -> None:
     _register(features.STAGE)
     _register(mining.STAGE)
     _register(proposals.STAGE)
-    for stage in later.STAGES:
-        _register(stage)
+    _register(ranking.STAGE)
+    _register(distill.STAGE)
+    _register(evaluate.STAGE)
 
 
 _load()

@@ -40,7 +40,8 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 
 from partdistill.stages.base import Stage, StageContext
-from partdistill.storage import write_json_atomic, write_parquet
+from partdistill.storage import mask_to_rle, rle_to_mask, write_json_atomic, write_parquet
 
 PSEUDO_SCHEMA = pa.schema([
     ("instance_id", pa.int64()), ("image_id", pa.int64()), ("split", pa.string()), ("query", pa.int16()),
@@ -76,8 +77,10 @@ def training_records(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The PartsDataset entries (one per image with a usable instance) and the skipped instances.
 
-    instances: `instances` rows (instance_id, image_id, split, file_name, area, height, width);
-    parts: part rows (instance_id, rle, area, height, width) — mined or pseudo-parts."""
+    instances: `instances` rows (instance_id, image_id, split, file_name, area, height, width, and
+    class_id: the image's ``object_classes``, which the distill head is conditioned on);
+    parts: part rows (instance_id, rle, area, height, width, optional label: the training class,
+    default 0 "part") — mined parts, pseudo-parts or labelled parts."""
     from partdistill.storage import rle_to_mask
 
     by_instance: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
@@ -101,14 +104,17 @@ def training_records(
             continue
         entry = images.setdefault(int(inst["image_id"]), {
             "img_path": str(image_dir / inst["file_name"]), "img_id": int(inst["image_id"]),
-            "height": h, "width": w, "instances": []})
+            "height": h, "width": w, "object_classes": [], "instances": []})
+        if "class_id" in inst and int(inst["class_id"]) not in entry["object_classes"]:
+            entry["object_classes"].append(int(inst["class_id"]))
         for p in sorted(by_instance[int(inst["instance_id"])], key=lambda r: (r.get("part", 0), r.get("query", 0))):
             ys, xs = np.nonzero(rle_to_mask({"size": [h, w], "counts": p["rle"]}))
             if len(ys) == 0:
                 continue
             entry["instances"].append({
                 "bbox": [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)],
-                "bbox_label": 0, "mask": {"size": [h, w], "counts": p["rle"]}, "ignore_flag": 0})
+                "bbox_label": int(p.get("label", 0)), "mask": {"size": [h, w], "counts": p["rle"]},
+                "ignore_flag": 0})
     records = [images[k] for k in sorted(images) if images[k]["instances"]]
     return records, skipped
 
@@ -161,42 +167,53 @@ def load_part_model(artifact: Any, device: str = "cpu"):
     return model.to(device).eval()
 
 
-def label_images(model: Any, items: Sequence[Mapping[str, Any]], image_dir: Path, cfg: Mapping[str, Any],
-                 device: str, batch_size: int, on_batch=None) -> list[dict[str, Any]]:
-    """PSEUDO_SCHEMA rows for a group of images. items: per image {file_name, image_id, split,
-    instances: [`instances` rows]}."""
+def proposal_labeller(cfg: Mapping[str, Any]) -> Callable[[Mapping[str, Any], Mapping[str, Any], list], list]:
+    """PSEUDO_SCHEMA rows of one image: (prediction, image item, object masks) → rows."""
+    lab = cfg["label"]
+
+    def label(pred: Mapping[str, Any], item: Mapping[str, Any], objects: list[np.ndarray]) -> list[dict[str, Any]]:
+        masks, scores = pred["masks"].cpu().numpy(), pred["scores"].cpu().numpy()
+        feats = pred["query_features"].cpu().numpy()
+        rows = []
+        found = label_image(masks, scores, objects, lab["score_threshold"], lab["mask_threshold"], lab["min_fraction"])
+        for inst, parts in zip(item["instances"], found, strict=True):
+            for q, seg in parts:
+                rows.append({"instance_id": int(inst["instance_id"]), "image_id": int(item["image_id"]),
+                             "split": item["split"], "query": q, "score": float(scores[q]),
+                             "rle": mask_to_rle(seg)["counts"], "area": int(seg.sum()),
+                             "height": seg.shape[0], "width": seg.shape[1],
+                             "feature": feats[q].astype(np.float32).tolist()})
+        return rows
+
+    return label
+
+
+def label_images(model: Any, items: Sequence[Mapping[str, Any]], image_dir: Path, labeller: Callable,
+                 device: str, batch_size: int) -> list[dict[str, Any]]:
+    """Run the model on a group of images and label their objects. items: per image {file_name,
+    image_id, split, instances: [`instances` rows]}; each image's metainfo carries its objects'
+    classes (``object_classes``), which a class-conditioned model uses."""
     from partdistill.data.images import load_rgb
     from partdistill.models.part_model import predict_parts
-    from partdistill.storage import mask_to_rle, rle_to_mask
 
-    lab = cfg["label"]
     rows: list[dict[str, Any]] = []
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
-        preds = predict_parts(model, [load_rgb(image_dir / it["file_name"]) for it in batch], device)
+        metas = [{"object_classes": sorted({int(i["class_id"]) for i in it["instances"]})} for it in batch]
+        preds = predict_parts(model, [load_rgb(image_dir / it["file_name"]) for it in batch], device, metas)
         for it, pred in zip(batch, preds, strict=True):
-            objs = [rle_to_mask({"size": [int(r["height"]), int(r["width"])], "counts": r["rle"]})
-                    for r in it["instances"]]
-            masks = pred["masks"].cpu().numpy()
-            scores = pred["scores"].cpu().numpy()
-            feats = pred["query_features"].cpu().numpy()
-            for inst, found in zip(it["instances"], label_image(masks, scores, objs, lab["score_threshold"],
-                                                                lab["mask_threshold"], lab["min_fraction"]),
-                                   strict=True):
-                for q, seg in found:
-                    rows.append({"instance_id": int(inst["instance_id"]), "image_id": int(it["image_id"]),
-                                 "split": it["split"], "query": q, "score": float(scores[q]),
-                                 "rle": mask_to_rle(seg)["counts"], "area": int(seg.sum()),
-                                 "height": seg.shape[0], "width": seg.shape[1],
-                                 "feature": feats[q].astype(np.float32).tolist()})
-        if on_batch is not None:
-            on_batch(len(batch))
+            objects = [rle_to_mask({"size": [int(r["height"]), int(r["width"])], "counts": r["rle"]})
+                       for r in it["instances"]]
+            rows += labeller(pred, it, objects)
     return rows
 
 
 # ---------------------------------------------------------------------------------------- training
-def _train(ctx: StageContext, records: list[dict[str, Any]], work: Path) -> dict[str, Any]:
-    """Train this round's PartModel (resuming from ``work``); returns {state_dict, losses, iters, model}."""
+def _train(ctx: StageContext, records: list[dict[str, Any]], work: Path, model_kwargs: Mapping[str, Any],
+           init_from: Path) -> dict[str, Any]:
+    """Train this round's PartModel (resuming from ``work``), starting from the checkpoint
+    ``init_from`` (a teacher's or a PartModel's: whatever fits is copied); returns
+    {state_dict, losses, iters, model, fresh_keys, resumed_from}."""
     import torch
     from mmdet.registry import MODELS
     from mmengine.config import Config
@@ -206,8 +223,6 @@ def _train(ctx: StageContext, records: list[dict[str, Any]], work: Path) -> dict
     from partdistill.models.teacher import load_state_dict, register_mmdet
     from partdistill.models.train_parts import has_checkpoint, training_config
     from partdistill.models.train_teacher import train
-    from partdistill.stages.teacher import teacher_checkpoint
-
     cfg = ctx.config
     register_mmdet()
     teacher = ctx.inputs["teacher"]
@@ -216,7 +231,7 @@ def _train(ctx: StageContext, records: list[dict[str, Any]], work: Path) -> dict
     mcfg = model_config(tcfg.model.to_dict(), num_queries=int(cfg["num_queries"]), num_points=int(cfg["num_points"]),
                         cls_weight=lw["cls"], mask_weight=lw["mask"], dice_weight=lw["dice"],
                         no_object_weight=lw["no_object"], importance_sample_ratio=cfg["importance_sample_ratio"],
-                        freeze_pixel_decoder=bool(cfg["freeze_pixel_decoder"]))
+                        freeze_pixel_decoder=bool(cfg["freeze_pixel_decoder"]), **model_kwargs)
     work.mkdir(parents=True, exist_ok=True)
     ann = work / "parts.json"
     write_json_atomic(ann, records)
@@ -225,10 +240,7 @@ def _train(ctx: StageContext, records: list[dict[str, Any]], work: Path) -> dict
     if not has_checkpoint(work / "runner"):
         model = MODELS.build(mcfg)
         model.init_weights()
-        if ctx.round == 1 or cfg["round_init"] == "teacher":
-            state, fresh = teacher_init_state(model, load_state_dict(teacher_checkpoint(teacher)))
-        else:
-            state = load_state_dict(ctx.inputs["proposals"].file("checkpoint.pth"))
+        state, fresh = teacher_init_state(model, load_state_dict(init_from))
         torch.save({"state_dict": state}, init)
     device = ctx.runtime.get("device", "cpu")
     opt = cfg["optimizer"]
@@ -253,7 +265,7 @@ def _train(ctx: StageContext, records: list[dict[str, Any]], work: Path) -> dict
             f.write(f"{loss}\n")
         bar.advance(1)
 
-    with ctx.progress.task(f"proposals r{ctx.round}: training", total=int(cfg["max_iters"])) as bar:
+    with ctx.progress.task(f"{ctx.stage} r{ctx.round}: training", total=int(cfg["max_iters"])) as bar:
         bar.advance(resumed_from)
         if gpus > 1:
             result = _train_distributed(rcfg, work, gpus)
@@ -306,7 +318,32 @@ def _part_rows(ctx: StageContext) -> list[dict[str, Any]]:
     return table.select(["instance_id", "rle", "area", "height", "width"]).to_pylist()
 
 
+@dataclass
+class RoundSpec:
+    """What differs between a `proposals` round and a `distill` round."""
+
+    parts: list[dict[str, Any]]        # training parts: instance_id, rle, area, height, width[, label]
+    model_kwargs: dict[str, Any]       # PartModel arguments beyond the section's
+    init_from: Path                    # the checkpoint the round starts from
+    output: str                        # the labelled-parts file name
+    schema: pa.Schema                  # its schema
+    labeller: Callable                 # (prediction, image item, object masks) → rows
+    hint: str                          # what to check when nothing is usable
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
+    from partdistill.stages.teacher import teacher_checkpoint
+
+    r = ctx.round or 1
+    init = (teacher_checkpoint(ctx.inputs["teacher"]) if r == 1 or ctx.config["round_init"] == "teacher"
+            else ctx.inputs["proposals"].file("checkpoint.pth"))
+    return run_round(ctx, RoundSpec(_part_rows(ctx), {}, init, pseudo_parts_name(r), PSEUDO_SCHEMA,
+                                    proposal_labeller(ctx.config),
+                                    "the teacher's detections (instances.score_threshold) and the mined parts"))
+
+
+def run_round(ctx: StageContext, spec: RoundSpec) -> dict[str, Any]:
+    """Train one round's PartModel, then label every image that has instances."""
     import pyarrow.parquet as pq
 
     from partdistill.models.train_teacher import save_checkpoint
@@ -316,25 +353,26 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg, r = ctx.config, ctx.round or 1
     out = ctx.writer.path
     data = ctx.inputs["data"]
-    columns = ["instance_id", "image_id", "split", "file_name", "rle", "area", "height", "width"]
+    columns = ["instance_id", "image_id", "split", "file_name", "class_id", "class_name", "rle", "area", "height",
+               "width"]
     instances = read_instances(ctx.inputs["instances"]).select(columns).to_pylist()
     times: dict[str, float] = {}
 
     # ---- train (one resumable step: the Runner resumes inside it; its marker skips it after)
     if not ctx.writer.shard_done("train"):
         start = time.monotonic()
-        records, skipped = training_records(instances, _part_rows(ctx), data.path, cfg["train_splits"],
+        records, skipped = training_records(instances, spec.parts, data.path, cfg["train_splits"],
                                             cfg["min_object_fraction"])
         if not records:
             reasons = Counter(s["reason"].split(" (")[0] for s in skipped)
             raise NoTrainingData(
-                f"proposals round {r}: no usable instance to train on: {len(instances)} instances in the "
+                f"{ctx.stage} round {r}: no usable instance to train on: {len(instances)} instances in the "
                 f"`instances` artifact, {sum(1 for i in instances if i['split'] in cfg['train_splits'])} in splits "
-                f"{list(cfg['train_splits'])}, skipped: {dict(reasons) or 'none'}. Check the teacher's detections "
-                "(instances.score_threshold) and the mined parts, or lower proposals.min_object_fraction.")
+                f"{list(cfg['train_splits'])}, skipped: {dict(reasons) or 'none'}. Check {spec.hint}, or lower "
+                f"{ctx.stage}.min_object_fraction.")
         write_parquet(out / "skipped.parquet", {c: [s[c] for s in skipped] for c in SKIPPED_SCHEMA.names},
                       SKIPPED_SCHEMA)
-        result = _train(ctx, records, out / "work")
+        result = _train(ctx, records, out / "work", spec.model_kwargs, spec.init_from)
         save_checkpoint(out / "checkpoint.pth", result["state_dict"],
                              {"round": r, "iters": result["iters"], "fresh_keys": result["fresh_keys"]})
         write_json_atomic(out / "model.json", result["model"])
@@ -362,23 +400,23 @@ def run(ctx: StageContext) -> dict[str, Any]:
     device = ctx.runtime.get("device", "cpu")
     model = None
     (out / "pseudo").mkdir(exist_ok=True)
-    with ctx.progress.task(f"proposals r{r}: labelling", total=len(items)) as bar:
+    with ctx.progress.task(f"{ctx.stage} r{r}: labelling", total=len(items)) as bar:
         for index, shard in enumerate(shards):
             name = f"pseudo-{index:05d}"
             if not ctx.writer.shard_done(name):
                 model = model or load_part_model(_Local(out), device)
-                rows = label_images(model, shard, data.path, cfg, device, int(cfg["batch_size"]))
+                rows = label_images(model, shard, data.path, spec.labeller, device, int(cfg["batch_size"]))
                 write_parquet(out / "pseudo" / f"{name}.parquet",
-                              {c: [row[c] for row in rows] for c in PSEUDO_SCHEMA.names}, PSEUDO_SCHEMA)
+                              {c: [row[c] for row in rows] for c in spec.schema.names}, spec.schema)
                 ctx.writer.complete_shard(name, [f"pseudo/{name}.parquet"], meta={"parts": len(rows)})
             bar.advance(len(shard))
     tables = [pq.read_table(out / "pseudo" / f"pseudo-{i:05d}.parquet") for i in range(len(shards))]
-    table = pa.concat_tables(tables) if tables else PSEUDO_SCHEMA.empty_table()
-    pq.write_table(table, out / pseudo_parts_name(r))
+    table = pa.concat_tables(tables) if tables else spec.schema.empty_table()
+    pq.write_table(table, out / spec.output)
     shutil.rmtree(out / "pseudo")
     times["label"] = round(time.monotonic() - start, 1)
 
-    _preview(table, items, data.path, out / "pseudo_parts.png")
+    _preview(table, items, data.path, out / spec.output.replace(f"_r{r}.parquet", ".png"))
     losses = json.loads((out / "losses.json").read_text())
     per_instance = Counter(table.column("instance_id").to_pylist())
     scores = table.column("score").to_numpy() if table.num_rows else np.zeros(0)

@@ -119,7 +119,7 @@ def test_overfitting_a_few_images_raises_recall():
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     first = last = None
-    for step in range(60):
+    for _ in range(60):
         model.train()
         losses = model(**_batch(model, list(images), list(masks)), mode="loss")
         total = sum(losses.values())
@@ -131,3 +131,29 @@ def test_overfitting_a_few_images_raises_recall():
     after = recall()
     assert last < 0.5 * first
     assert after >= 0.5 and after > before + 0.3, (before, after)
+
+
+def test_class_conditioned_head_routes_gradients_to_its_slice():
+    """k = 2 part clusters × 3 object classes: an image holding only class 1 trains logits 2–3 and
+    no-object, never the other classes' rows, and predicts nothing outside its slice."""
+    model, _ = _model(num_classes=6, parts_per_class=2)
+    model.train()
+    rng = np.random.default_rng(3)
+    img, masks = _scene(rng)
+    data = _batch(model, [img], [masks])
+    sample = data["data_samples"][0]
+    sample.set_metainfo({"object_classes": [1]})
+    sample.gt_instances.labels = torch.tensor([2, 3, 2, 3])
+    losses = model(**data, mode="loss")
+    sum(losses.values()).backward()
+    grad = model.decoder.head.cls_embed.weight.grad
+    row = grad.abs().sum(1)
+    assert torch.all(row[[0, 1, 4, 5]] == 0), row
+    assert torch.all(row[[2, 3, 6]] > 0), row
+
+    preds = predict_parts(model, [img], metas=[{"object_classes": [2]}])
+    probs = preds[0]["class_scores"]
+    assert probs.shape == (8, 7)
+    assert float(probs[:, :4].max()) < 1e-6 and torch.allclose(probs.sum(1), torch.ones(8))
+    with pytest.raises(ValueError, match="outside the head's 3 classes"):
+        predict_parts(model, [img], metas=[{"object_classes": [3]}])

@@ -1,0 +1,368 @@
+"""Stage `evaluate`: part quality of the run and of its baselines against the part ground truth.
+
+On the ``split`` (val) of the data's part ground truth (``parts_{split}.json``, evaluation-only:
+this is the one stage allowed to read it), every method is scored by one protocol
+(:mod:`partdistill.evaluation.parts_eval`), in two settings: with the ground-truth object masks
+(and classes), and with the pipeline's own instances matched to the GT objects.
+
+Methods, all from this run's artifacts:
+
+- ``RGB K-means (floor)``: K-means (k = mining.k) on each object's raw colours;
+- ``mined parts``: the `mining` stage's K-means (+ CRF) parts (pipeline objects only: they
+  exist for the pipeline's instances);
+- ``proposals``: the last `proposals` round's queries, class-agnostic (no ranking);
+- ``proposals + ranking``: the `ranking` stage's class-specific clusters (pipeline objects only);
+- ``PartDistillation``: the last `distill` round's class-conditioned model.
+
+Writes ``metrics.json`` ({setting: {method: metrics}} plus the paper's numbers), ``table.md``,
+``report.html`` with the tables, per-class overlays (``overlays/``) and 3×3 purity grids per part
+cluster (``purity/``, the paper's Fig. 5: nine objects of a class with the cluster's part lit).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from partdistill.stages.base import Stage, StageContext
+from partdistill.storage import write_json_atomic
+
+# The paper's Table 3, PartImageNet (ImageNet-21K training), for orientation: other data, other scale.
+PAPER = {"gt": {"PartDistillation": {"AR@200": 0.580, "mIoU": 0.480}, "one-stage": {"AR@200": 0.362, "mIoU": 0.319}},
+         "pipeline": {"PartDistillation": {"AR@200": 0.514, "mIoU": 0.361},
+                      "one-stage": {"AR@200": 0.318, "mIoU": 0.266}}}
+SETTINGS = {"gt": "ground-truth object masks", "pipeline": "the pipeline's own object instances"}
+COLUMNS = ["AR@1", "AR@10", "AR@200", "C-mIoU", "A-mIoU", "C-mIoU (Hungarian)", "FG-NMI", "FG-ARI",
+           "NMI (within object)", "ARI (within object)"]
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from partdistill.data.images import load_rgb
+    from partdistill.evaluation.mined import instance_label_maps, match_instances
+    from partdistill.evaluation.parts_eval import ObjectPrediction, from_label_map, query_proposals, score_method
+    from partdistill.evaluation.premise import load_gt_objects
+    from partdistill.models.part_mining import mine_parts, rgb_object
+    from partdistill.models.part_model import predict_parts
+    from partdistill.stages.distill import object_parts
+    from partdistill.stages.instances import read_instances
+    from partdistill.stages.proposals import load_part_model
+    from partdistill.storage import rle_to_mask
+
+    cfg, full = ctx.config, ctx.full_config
+    split = cfg["split"]
+    data = ctx.inputs["data"]
+    if f"parts_{split}.json" not in data.files:
+        raise FileNotFoundError(f"evaluate: the data artifact {data.path} has no part ground truth "
+                                f"parts_{split}.json; evaluate needs a data set with part labels (Parts World, "
+                                "PartImageNet, Pascal-Part)")
+    objects = load_gt_objects(data.path, split)
+    if not objects:
+        raise ValueError(f"evaluate: no object with part labels in split {split!r} of {data.path}")
+    ranking_classes = json.loads(ctx.inputs["ranking"].file("classes.json").read_text())
+    k = int(ranking_classes["k"])
+    teacher_names = json.loads(ctx.inputs["teacher"].file("teacher.json").read_text()).get("class_names") or []
+    inst_rows = [r for r in read_instances(ctx.inputs["instances"]).to_pylist() if r["split"] == split]
+    names = list(teacher_names) or sorted({r["class_name"] for r in inst_rows} | {o.class_name for o in objects})
+    class_ids = {n: i for i, n in enumerate(names)}
+    for o in objects:
+        class_ids.setdefault(o.class_name, len(class_ids))
+    matches = match_instances(objects, inst_rows)
+    inst_by_id = {r["instance_id"]: r for r in inst_rows}
+    inst_mask = {iid: rle_to_mask({"size": [r["height"], r["width"]], "counts": r["rle"]}) for iid, r in
+                 inst_by_id.items()}
+    device = ctx.runtime.get("device", "cpu")
+    images = {o.file_name for o in objects}
+    img_cache: dict[str, np.ndarray] = {}
+
+    def image(name: str) -> np.ndarray:
+        if name not in img_cache:
+            img_cache[name] = load_rgb(data.path / name)
+        return img_cache[name]
+
+    preds: dict[str, dict[str, list[ObjectPrediction]]] = {"gt": {}, "pipeline": {}}
+    consistent = {"RGB K-means (floor)": False, "mined parts": False, "proposals": False,
+                  "proposals + ranking": True, "PartDistillation": True}
+    by_image: dict[str, list[int]] = defaultdict(list)
+    for i, o in enumerate(objects):
+        by_image[o.file_name].append(i)
+
+    with ctx.progress.task("evaluate", total=5) as bar:
+        # RGB floor
+        mcfg = full["mining"]
+        gt_maps = mine_parts([rgb_object(image(o.file_name), o.mask) for o in objects], k=int(mcfg["k"]),
+                             metric=mcfg["metric"], seed=int(mcfg["seed"]))
+        preds["gt"]["RGB K-means (floor)"] = [from_label_map(lm) for lm in gt_maps]
+        matched = [(i, matches[i]) for i in range(len(objects)) if i in matches]
+        pipe_maps = mine_parts([rgb_object(image(objects[i].file_name), inst_mask[iid]) for i, iid in matched],
+                               k=int(mcfg["k"]), metric=mcfg["metric"], seed=int(mcfg["seed"])) if matched else []
+        rgb_pipe: list[np.ndarray | None] = [None] * len(objects)
+        for (i, _), lm in zip(matched, pipe_maps, strict=True):
+            rgb_pipe[i] = lm
+        preds["pipeline"]["RGB K-means (floor)"] = [from_label_map(lm) for lm in rgb_pipe]
+        bar.advance(1)
+
+        # mined parts
+        mined = instance_label_maps(ctx.inputs["mining"], split)
+        preds["pipeline"]["mined parts"] = [
+            from_label_map(mined.get(matches[i], np.full(o.mask.shape, -1, np.int16)) if i in matches else None)
+            for i, o in enumerate(objects)]
+        bar.advance(1)
+
+        # proposals (class-agnostic) and the final model: one forward pass per image and setting
+        lab = full["distill"]["label"]
+        proposal_model = load_part_model(ctx.inputs["proposals"], device)
+        final_model = load_part_model(ctx.inputs["distill"], device)
+        for setting in ("gt", "pipeline"):
+            preds[setting]["proposals"] = [ObjectPrediction(None) for _ in objects]
+            preds[setting]["PartDistillation"] = [ObjectPrediction(None) for _ in objects]
+        for name in sorted(images):
+            idx = by_image[name]
+            img = image(name)
+            p = predict_parts(proposal_model, [img], device)[0]
+            pm, ps = p["masks"].cpu().numpy(), p["scores"].cpu().numpy()
+            for i in idx:
+                preds["gt"]["proposals"][i] = query_proposals(pm, ps, objects[i].mask, lab["mask_threshold"])
+                if i in matches:
+                    preds["pipeline"]["proposals"][i] = query_proposals(pm, ps, inst_mask[matches[i]],
+                                                                        lab["mask_threshold"])
+            for setting in ("gt", "pipeline"):
+                targets = [(i, objects[i].mask, class_ids[objects[i].class_name]) for i in idx] if setting == "gt" \
+                    else [(i, inst_mask[matches[i]], int(inst_by_id[matches[i]]["class_id"])) for i in idx
+                          if i in matches]
+                if not targets:
+                    continue
+                classes = sorted({c for *_, c in targets})
+                out = predict_parts(final_model, [img], device, [{"object_classes": classes}])[0]
+                fm, fs = out["masks"].cpu().numpy(), out["class_scores"].cpu().numpy()
+                found = object_parts(fm, fs, [m for _, m, _ in targets], [c for *_, c in targets], k,
+                                     lab["score_threshold"], lab["mask_threshold"], lab["min_fraction"])
+                for (i, mask, c), parts in zip(targets, found, strict=True):
+                    lm = np.full(mask.shape, -1, np.int32)
+                    for part in parts:
+                        lm[part["mask"]] = c * k + part["cluster"]
+                    slice_scores = fs[:, c * k:(c + 1) * k].max(1) if (c + 1) * k < fs.shape[1] else np.zeros(len(fs))
+                    props = query_proposals(fm, slice_scores, mask, lab["mask_threshold"])
+                    preds[setting]["PartDistillation"][i] = ObjectPrediction(lm, props.proposals, props.scores)
+        bar.advance(2)
+
+        # ranking clusters (pipeline objects: the ranking labelled the pipeline's instances)
+        labeled = pq.read_table(ctx.inputs["ranking"].file("labeled_parts.parquet")).to_pylist()
+        by_inst: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for r in labeled:
+            if r["split"] == split:
+                by_inst[r["instance_id"]].append(r)
+        ranked = []
+        for i, o in enumerate(objects):
+            if i not in matches:
+                ranked.append(ObjectPrediction(None))
+                continue
+            lm = np.full(o.mask.shape, -1, np.int32)
+            rows = sorted(by_inst.get(matches[i], []), key=lambda r: -r["score"])
+            masks = [rle_to_mask({"size": [r["height"], r["width"]], "counts": r["rle"]}) for r in rows]
+            for r, m in zip(rows[::-1], masks[::-1], strict=True):
+                lm[m] = r["label"]
+            ranked.append(ObjectPrediction(lm, masks, [r["score"] for r in rows]))
+        preds["pipeline"]["proposals + ranking"] = ranked
+        bar.advance(1)
+
+    metrics: dict[str, Any] = {"split": split, "objects": len(objects), "matched_objects": len(matches), "k": k,
+                               "settings": SETTINGS, "paper_table3_partimagenet": PAPER}
+    for setting, methods in preds.items():
+        metrics[setting] = {m: score_method(objects, p, consistent[m], class_ids) for m, p in methods.items()}
+    out = ctx.writer.path
+    write_json_atomic(out / "metrics.json", _finite(metrics))
+    table = metrics_table(metrics)
+    (out / "table.md").write_text(table)
+    pictures = _pictures(out, objects, preds["gt"], image, ctx.inputs["distill"], data.path, k, names)
+    _report(out / "report.html", metrics, table, pictures)
+    final = metrics["gt"]["PartDistillation"]
+    return {"objects": len(objects), "matched": len(matches), "AR@200": _r(final["AR@200"]),
+            "C-mIoU": _r(final["C-mIoU"]), "FG-NMI": _r(final["FG-NMI"]),
+            "floor AR@200": _r(metrics["gt"]["RGB K-means (floor)"]["AR@200"]),
+            "report": str(ctx.writer.path.parent / ctx.version / "report.html")}
+
+
+def _r(v: float) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 4)
+
+
+def _finite(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _finite(v) for k, v in node.items()}
+    if isinstance(node, float) and math.isnan(node):
+        return None
+    return node
+
+
+def metrics_table(metrics: Mapping[str, Any]) -> str:
+    """The markdown tables (×100), one per setting, with the paper's Table 3 numbers beside."""
+    lines = []
+    for setting, title in SETTINGS.items():
+        rows = metrics.get(setting, {})
+        if not rows:
+            continue
+        lines += [f"**{metrics['split']} split, with {title}** ({metrics['objects']} objects"
+                  + (f", {metrics['matched_objects']} matched" if setting == "pipeline" else "") + ")", "",
+                  "| method | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+        for method, vals in rows.items():
+            cells = []
+            for c in COLUMNS:
+                v = vals.get(c)
+                cells.append("–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        paper = PAPER[setting]
+        lines.append("| *paper, PartImageNet: PartDistillation / one-stage* | – | – | "
+                     f"{100 * paper['PartDistillation']['AR@200']:.1f} / {100 * paper['one-stage']['AR@200']:.1f} | "
+                     f"{100 * paper['PartDistillation']['mIoU']:.1f} / {100 * paper['one-stage']['mIoU']:.1f} | "
+                     + " | ".join("–" for _ in COLUMNS[4:]) + " |")
+        lines.append("")
+    lines.append("AR and mIoU in %; NMI/ARI ×100. \"–\": not defined for the method (ids that mean nothing across "
+                 "objects have no class-level mIoU or FG-NMI/ARI) or not available in that setting.")
+    return "\n".join(lines) + "\n"
+
+
+def _pictures(out: Path, objects, preds: Mapping[str, Sequence[Any]], image, distill, data_dir: Path, k: int,
+              names: Sequence[str]) -> dict[str, list[str]]:
+    """Per-class overlays (GT parts | each method) and the purity grids; returns the file names."""
+    import pyarrow.parquet as pq
+
+    from partdistill.data.images import load_rgb
+    from partdistill.evaluation.overlays import grid, parts_overlay, save_png
+    from partdistill.storage import rle_to_mask
+
+    (out / "overlays").mkdir(exist_ok=True)
+    (out / "purity").mkdir(exist_ok=True)
+    files: dict[str, list[str]] = {"overlays": [], "purity": []}
+    methods = [m for m in ("RGB K-means (floor)", "proposals", "PartDistillation") if m in preds]
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i, o in enumerate(objects):
+        by_class[o.class_name].append(i)
+    for cls, idx in sorted(by_class.items()):
+        rows = []
+        for i in idx[:4]:
+            o = objects[i]
+            crop = _crop_box(o.mask)
+            row = [parts_overlay(image(o.file_name), [np.where(o.mask, o.part_labels, -1)])[crop]]
+            for m in methods:
+                lm = preds[m][i].label_map
+                lm = np.full(o.mask.shape, -1) if lm is None else np.where(o.mask, lm, -1)
+                row.append(parts_overlay(image(o.file_name), [lm])[crop])
+            rows.append([_fit(t, 96) for t in row])
+        name = f"overlays/{_safe(cls)}.png"
+        save_png(out / name, grid(rows, titles=["GT parts", *methods]))
+        files["overlays"].append(name)
+
+    # purity grids: the final model's clusters over the objects it labelled (all splits)
+    rname = next((n for n in distill.files if n.startswith("labeled_parts_r")), None)
+    if rname is None:
+        return files
+    table = pq.read_table(distill.file(rname)).to_pylist()
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in sorted(table, key=lambda r: (-r["score"], r["instance_id"])):
+        groups[(r["class_name"], r["cluster"])].append(r)
+    images_of = _image_names(data_dir)
+    for (cls, cluster), rows in sorted(groups.items()):
+        tiles = []
+        for r in rows[:9]:
+            img = load_rgb(data_dir / images_of[r["image_id"]])
+            m = rle_to_mask({"size": [r["height"], r["width"]], "counts": r["rle"]})
+            tiles.append(_fit(_highlight(img, m), 80))
+        while len(tiles) < 9:
+            tiles.append(np.full_like(tiles[0], 255))
+        name = f"purity/{_safe(cls)}_c{cluster}.png"
+        save_png(out / name, grid([tiles[0:3], tiles[3:6], tiles[6:9]]))
+        files["purity"].append(name)
+    return files
+
+
+def _image_names(data_dir: Path) -> dict[int, str]:
+    names = {}
+    for f in sorted(data_dir.glob("instances_*.json")):
+        for im in json.loads(f.read_text())["images"]:
+            names[im["id"]] = im["file_name"]
+    return names
+
+
+def _highlight(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The part lit in red, the rest dimmed, cropped around the part with context."""
+    out = (img.astype(np.float32) * 0.35)
+    out[mask] = 0.4 * img[mask] + 0.6 * np.array([255, 40, 40])
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return out.astype(np.uint8)
+    h, w = mask.shape
+    pad = max(ys.max() - ys.min(), xs.max() - xs.min()) // 2 + 8
+    return out[max(0, ys.min() - pad):min(h, ys.max() + pad + 1), max(0, xs.min() - pad):min(w, xs.max() + pad + 1)
+               ].clip(0, 255).astype(np.uint8)
+
+
+def _crop_box(mask: np.ndarray) -> tuple[slice, slice]:
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return slice(None), slice(None)
+    return slice(max(0, ys.min() - 4), ys.max() + 5), slice(max(0, xs.min() - 4), xs.max() + 5)
+
+
+def _fit(tile: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resize into a size × size tile (letterboxed), so grids line up."""
+    h, w = tile.shape[:2]
+    s = size / max(h, w, 1)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    ys = (np.arange(nh) / s).astype(int).clip(0, h - 1)
+    xs = (np.arange(nw) / s).astype(int).clip(0, w - 1)
+    out = np.full((size, size, 3), 255, np.uint8)
+    out[:nh, :nw] = tile[ys][:, xs]
+    return out
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+def _report(path: Path, metrics: Mapping[str, Any], table: str, pictures: Mapping[str, list[str]]) -> None:
+    """A self-contained HTML report: tables, overlays and purity grids inlined."""
+
+    def img(name: str) -> str:
+        data = base64.b64encode((path.parent / name).read_bytes()).decode()
+        return f'<figure><img src="data:image/png;base64,{data}"><figcaption>{html.escape(name)}</figcaption></figure>'
+
+    def md_table(block: list[str]) -> str:
+        rows = [r.strip("|").split("|") for r in block if r.startswith("|") and not r.startswith("|---")]
+        head, body = rows[0], rows[1:]
+        return ("<table><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head) + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in body)
+                + "</table>")
+
+    parts, block = [], []
+    for line in table.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append(line)
+            continue
+        if block:
+            parts.append(md_table(block))
+            block = []
+        if line.strip():
+            parts.append(f"<p>{html.escape(line.strip('*'))}</p>")
+    body = "\n".join(parts)
+    body += "<h2>Per-class overlays</h2>" + "".join(img(n) for n in pictures["overlays"])
+    body += ("<h2>Purity grids (paper Fig. 5): nine objects per part cluster, the cluster's part in red</h2>"
+             + "".join(img(n) for n in pictures["purity"]))
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}figure{display:inline-block;margin:6px}"
+             "img{image-rendering:pixelated}")
+    path.write_text(f"<!doctype html><meta charset=utf-8><title>partdistill evaluation</title><style>{style}</style>"
+                    f"<h1>Part quality, {html.escape(str(metrics['split']))} split</h1>{body}")
+
+
+STAGE = Stage("evaluate", ("data", "teacher", "instances", "mining", "proposals", "ranking", "distill"), "1", run,
+              reads_evaluation_only=True, summary="metrics and report")

@@ -1,0 +1,106 @@
+"""Stages `ranking`, `distill` and `evaluate` on the tiny run: their artifacts and what they promise."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from partdistill.pipeline import run_pipeline
+from partdistill.stages import distill, ranking
+from partdistill.storage import rle_to_mask
+from tests.stages.test_proposals import _cfg
+
+MORE = {"proposals.rounds": 1, "ranking.score_threshold": 0.0, "ranking.k": 3, "distill.num_queries": 8,
+        "distill.num_points": 256, "distill.max_iters": 4, "distill.batch_size": 2, "distill.image_size": [96, 128],
+        "distill.checkpoint_interval": 2, "distill.label.score_threshold": 0.0, "distill.label.mask_threshold": 0.2,
+        "distill.label.shard_images": 4}
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_run):
+    cfg, store, _ = tiny_run
+    cfg = _cfg(cfg, **MORE)
+    outcomes = {o.stage: o for o in run_pipeline(cfg, store)}
+    return cfg, store, outcomes
+
+
+def test_ranking_labels_every_candidate_by_class(full_run):
+    cfg, store, outcomes = full_run
+    art = store.open("ranking", outcomes["ranking"].version)
+    protos = pq.read_table(art.file("prototypes.parquet"))
+    labeled = pq.read_table(art.file("labeled_parts.parquet"))
+    assert protos.schema == ranking.PROTOTYPE_SCHEMA and labeled.schema == ranking.LABELED_SCHEMA
+    classes = json.loads(art.file("classes.json").read_text())
+    assert classes["k"] == 3 and classes["classes"]
+    for row in protos.to_pylist():
+        assert 0 <= row["cluster"] < row["k_eff"] <= 3 and len(row["prototype"]) == 128
+    rows = labeled.to_pylist()
+    assert rows, "every candidate gets a cluster"
+    seen = set()
+    for r in rows:
+        assert r["label"] == r["class_id"] * 3 + r["cluster"] and 0 <= r["cluster"] < 3
+        assert (r["instance_id"], r["cluster"]) not in seen, "same-cluster segments of an object are merged"
+        seen.add((r["instance_id"], r["cluster"]))
+    # a class the candidates never reached is recorded, not filled with random centroids
+    for rec in classes["classes"].values():
+        assert rec["k_eff"] <= 3 and (rec["few_proposals"] is None) == (rec["k_eff"] == 3 and rec["fit_candidates"] >= 3)
+
+
+def test_distill_trains_the_class_conditioned_model(full_run):
+    cfg, store, outcomes = full_run
+    out = outcomes["distill_r1"]
+    art = store.open("distill_r1", out.version)
+    model = json.loads(art.file("model.json").read_text())
+    n_classes = out.summary["object_classes"]
+    assert model["num_classes"] == 3 * n_classes and model["parts_per_class"] == 3
+    assert art.manifest["inputs"]["ranking"] == outcomes["ranking"].version
+    table = pq.read_table(art.file("labeled_parts_r1.parquet"))
+    assert table.schema == ranking.LABELED_SCHEMA
+    instances = {r["instance_id"]: r for r in pq.read_table(
+        store.open("instances", outcomes["instances"].version).path / "instances").to_pylist()}
+    for r in table.to_pylist():
+        inst = instances[r["instance_id"]]
+        assert r["class_id"] == inst["class_id"], "a part's cluster belongs to its object's class"
+        obj = rle_to_mask({"size": [inst["height"], inst["width"]], "counts": inst["rle"]})
+        assert not (rle_to_mask({"size": [r["height"], r["width"]], "counts": r["rle"]}) & ~obj).any()
+
+
+def test_object_parts_slices_by_class_and_merges():
+    h, w = 8, 8
+    obj = np.zeros((h, w), bool)
+    obj[:, :6] = True
+    masks = np.zeros((3, h, w), np.float32)
+    masks[0][:, :3] = 0.9
+    masks[1][:, 3:6] = 0.9
+    masks[2][:4] = 0.9
+    k = 2
+    class_scores = np.zeros((3, 2 * k + 1), np.float32)
+    class_scores[0] = [0.0, 0.0, 0.8, 0.1, 0.1]   # class 1, cluster 0
+    class_scores[1] = [0.9, 0.0, 0.7, 0.0, 0.1]   # class 0 would say cluster 0; class 1: cluster 0 again
+    class_scores[2] = [0.0, 0.0, 0.0, 0.2, 0.8]   # mostly no-object
+    found = distill.object_parts(masks, class_scores, [obj], [1], k, score_threshold=0.3)
+    assert len(found[0]) == 1
+    part = found[0][0]
+    assert part["cluster"] == 0 and set(part["queries"]) == {0, 1} and part["score"] == pytest.approx(0.8)
+    assert part["mask"].sum() == obj.sum()
+
+
+def test_evaluate_scores_every_method_and_writes_the_report(full_run):
+    cfg, store, outcomes = full_run
+    art = store.open("evaluate", outcomes["evaluate"].version)
+    metrics = json.loads(art.file("metrics.json").read_text())
+    assert metrics["split"] == "val" and metrics["objects"] > 0
+    for setting in ("gt", "pipeline"):
+        rows = metrics[setting]
+        assert {"RGB K-means (floor)", "proposals", "PartDistillation"} <= set(rows)
+        final = rows["PartDistillation"]
+        for key in ("AR@1", "AR@10", "AR@200", "C-mIoU", "FG-NMI", "NMI (within object)"):
+            assert final[key] is None or 0.0 <= final[key] <= 1.0
+        assert rows["RGB K-means (floor)"]["C-mIoU"] is None, "per-object ids have no class-level mIoU"
+    assert "mined parts" in metrics["pipeline"] and "proposals + ranking" in metrics["pipeline"]
+    assert metrics["gt"]["RGB K-means (floor)"]["AR@10"] > 0
+    report = art.file("report.html").read_text()
+    assert "<table>" in report and "data:image/png;base64" in report and "paper" in report
+    assert any(n.startswith("purity/") for n in art.files) and any(n.startswith("overlays/") for n in art.files)
+    assert "| PartDistillation |" in art.file("table.md").read_text()
