@@ -128,6 +128,21 @@ def _check_fraction(fraction: float) -> float:
     return float(fraction)
 
 
+def _register_cpu_ddp() -> None:
+    from mmengine.model import MMDistributedDataParallel
+    from mmengine.registry import MODEL_WRAPPERS
+
+    if "CPUDistributedDataParallel" in MODEL_WRAPPERS.module_dict:
+        return
+
+    @MODEL_WRAPPERS.register_module()
+    class CPUDistributedDataParallel(MMDistributedDataParallel):
+        """mmengine's DDP wrapper for CPU processes (gloo): no device_ids."""
+
+        def __init__(self, module, device_ids=None, **kwargs):
+            super().__init__(module=module, device_ids=None, **kwargs)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``torchrun --nproc_per_node N -m partdistill.models.train_parts CONFIG --launcher pytorch``:
     train a dumped training config data-parallel; rank 0 writes ``work_dir/result.pth`` (the state
@@ -146,6 +161,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
+    if args.launcher == "pytorch" and not torch.cuda.is_available():
+        _register_cpu_ddp()
+        # mmengine's launcher pins each process to a CUDA device unconditionally; on a CPU-only
+        # torch there is none, and gloo needs no pinning
+        torch.cuda.set_device = lambda device: None
+        # ...and its DDP wrapper passes device_ids, which a CPU module must not get
+        cfg.model_wrapper_cfg = dict(type="CPUDistributedDataParallel", broadcast_buffers=False)
     result = train(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
     if get_rank() == 0:
         work = Path(cfg.work_dir)
