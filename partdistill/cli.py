@@ -78,8 +78,14 @@ def run(
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from None
     for o in outcomes:
-        console.print(f"  {o['stage']:<10} {o['version']}  {o['state']:<9} {o['seconds']:7.1f} s", soft_wrap=True)
+        console.print(f"  {o['stage']:<12} {o['version']}  {o['state']:<9} {o['seconds']:7.1f} s", soft_wrap=True)
     console.print(f"done in {time.monotonic() - start:.1f} s")
+    evaluated = [o for o in outcomes if o["stage"] == "evaluate"]
+    if evaluated:
+        path = Path(evaluated[-1]["path"])
+        # the table goes to stdout (it is the run's result); progress and status went to stderr
+        print("\n" + (path / "table.md").read_text())
+        console.print(f"report: {(path / 'report.html').resolve()}")
 
 
 def _print_status(cfg: dict, store: str | None) -> None:
@@ -194,6 +200,40 @@ def predict(
     Console().print(f"wrote {summary.path} and {out / 'overlays'}", soft_wrap=True)
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def finetune(
+    fraction: Annotated[float, typer.Option(help="fraction of the labelled train images, in (0, 1]; e.g. 0.01")],
+    init: Annotated[str, typer.Option(help="start from 'distill' (the distilled part model) or 'teacher' "
+                                           "(the baseline)")],
+    store: Annotated[Path, typer.Option("--store", help="artifact store root")] = Path("store"),
+    distill: Annotated[str | None, typer.Option(
+        help="distill artifact: distill_rN/<version>, distill_rN or its folder (default: the newest); its "
+             "data and teacher are used for both inits")] = None,
+    iters: Annotated[int, typer.Option(help="training iterations")] = 200,
+    seed: Annotated[int, typer.Option(help="seed of the image subset and of the training")] = 0,
+    out: Annotated[Path | None, typer.Option(help="output folder (default: finetune/{init}_{fraction}_seed{seed})")]
+    = None,
+    device: Annotated[str, typer.Option(help="'cpu' or 'cuda'")] = "cpu",
+) -> None:
+    """Few-shot fine-tuning on labelled parts (paper Table 4), scored on the val split."""
+    from partdistill.finetune import FinetuneError
+    from partdistill.finetune import finetune as run_finetune
+    from partdistill.progress import RichProgress
+
+    try:
+        with RichProgress() as progress:
+            done = run_finetune(store, fraction, init, distill, iters, seed, out, device, progress)
+    except FinetuneError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(EXIT_CONFIG) from None
+    m = done.metrics
+    Console().print(f"{m['init']} init, {m['images']} of {m['labelled_images']} labelled image(s) "
+                    f"({100 * m['fraction']:g}%), {m['iters']} iterations: AR@200 {100 * m['AR@200']:.1f}, "
+                    f"mIoU {100 * m['mIoU']:.1f}, C-mIoU {100 * m['C-mIoU']:.1f} in {m['seconds']:.0f} s",
+                    soft_wrap=True)
+    Console().print(f"wrote {done.out / 'metrics.json'} and {done.out / 'checkpoint.pth'}", soft_wrap=True)
 
 
 def _human(n: int) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,11 +222,17 @@ class Predictor:
                 if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
                     raise ValueError(f"expected RGB uint8 (H, W, 3) images, got {im.dtype} {im.shape}")
             detections = self.detect(batch)
-            todo = [i for i, dets in enumerate(detections) if dets]
-            preds = dict(zip(todo, predict_parts(
-                self.model, [batch[i] for i in todo], self.device,
-                [{"object_classes": sorted({d.class_id for d in detections[i]})} for i in todo]), strict=True)) \
-                if todo else {}
+            # one model call per image size: padding a small image to a larger one's size would
+            # change its prediction with the company it keeps
+            by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+            for i, dets in enumerate(detections):
+                if dets:
+                    by_size[batch[i].shape[:2]].append(i)
+            preds: dict[int, dict[str, Any]] = {}
+            for group in by_size.values():
+                metas = [{"object_classes": sorted({d.class_id for d in detections[i]})} for i in group]
+                preds.update(zip(group, predict_parts(self.model, [batch[i] for i in group], self.device, metas),
+                                 strict=True))
             for i, (img, dets) in enumerate(zip(batch, detections, strict=True)):
                 objects = [ObjectParts(d.class_id, d.class_name, d.score, d.mask) for d in dets]
                 if i in preds:

@@ -1,5 +1,6 @@
 """`partdistill predict` and `partdistill.Predictor`: a distill model on images it never saw."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -159,17 +160,20 @@ def test_cli_predicts_unseen_folder(store, unseen, box_teacher, tmp_path):
     (tmp_path / "gt.json").write_text(json.dumps(pred))
     coco = COCO(str(tmp_path / "gt.json"))
     results = [{key: v for key, v in a.items() if key != "id"} for a in pred["annotations"]]
-    assert len(coco.loadRes(results).getAnnIds()) == len(results)
+    assert len(coco.loadRes(copy.deepcopy(results)).getAnnIds()) == len(results)  # loadRes edits its input
 
-    # the in-memory Predictor finds exactly what the command wrote
+    # the in-memory Predictor finds exactly what the command wrote, in another order and other
+    # batches: an image's prediction does not depend on the images it is batched with
     from partdistill import Predictor
 
     predictor = Predictor.from_store(root, f"distill_r1/{version}", **LOOSE)
+    predictor.batch_size = 2
     paths = [folder / n for n in ("a.png", "b.PNG", "broken.jpg", "sub/a.png", "sub/c.bmp", "sub/d.webp")]
-    found = predictor.predict_paths(paths)
-    assert [p.error is not None for p in found] == [False, False, True, False, False, False]
-    ok = [(i, p.parts) for i, p in enumerate(found, start=1) if p.parts is not None]
-    assert predictor.to_coco([p for _, p in ok], [i for i, _ in ok]) == results
+    found = {p.path: p for p in predictor.predict_paths(reversed(paths))}
+    assert found[folder / "broken.jpg"].parts is None and "truncated" in found[folder / "broken.jpg"].error
+    mine = [a for i, path in enumerate(paths, start=1) if found[path].parts is not None
+            for a in predictor.to_coco([found[path].parts], [i])]
+    assert mine == results
 
 
 def test_real_teacher_and_default_thresholds(store, unseen):

@@ -11,6 +11,9 @@ Methods, all from this run's artifacts:
 - ``mined parts``: the `mining` stage's K-means (+ CRF) parts (pipeline objects only: they
   exist for the pipeline's instances);
 - ``proposals``: the last `proposals` round's queries, class-agnostic (no ranking);
+- ``one-stage K-means (no self-training)``: the paper's one-stage baseline without its
+  self-training rounds: per class, K-means over all its training objects' teacher features
+  (pipeline objects only; needs the stored `features`);
 - ``proposals + ranking``: the `ranking` stage's class-specific clusters (pipeline objects only);
 - ``PartDistillation``: the last `distill` round's class-conditioned model.
 
@@ -91,7 +94,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     preds: dict[str, dict[str, list[ObjectPrediction]]] = {"gt": {}, "pipeline": {}}
     consistent = {"RGB K-means (floor)": False, "mined parts": False, "proposals": False,
-                  "proposals + ranking": True, "PartDistillation": True}
+                  "one-stage K-means (no self-training)": True, "proposals + ranking": True,
+                  "PartDistillation": True}
     by_image: dict[str, list[int]] = defaultdict(list)
     for i, o in enumerate(objects):
         by_image[o.file_name].append(i)
@@ -173,6 +177,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 lm[m] = r["label"]
             ranked.append(ObjectPrediction(lm, masks, [r["score"] for r in rows]))
         preds["pipeline"]["proposals + ranking"] = ranked
+        if "features" in ctx.inputs:
+            one_stage = one_stage_maps(ctx.inputs["features"], read_instances(ctx.inputs["instances"]).to_pylist(),
+                                       split, int(ranking_classes["k"]), mcfg["metric"], int(mcfg["seed"]))
+            preds["pipeline"]["one-stage K-means (no self-training)"] = [
+                from_label_map(one_stage.get(matches[i], np.full(o.mask.shape, -1, np.int32)) if i in matches
+                               else None) for i, o in enumerate(objects)]
         bar.advance(1)
 
     metrics: dict[str, Any] = {"split": split, "objects": len(objects), "matched_objects": len(matches), "k": k,
@@ -190,6 +200,53 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "C-mIoU": _r(final["C-mIoU"]), "FG-NMI": _r(final["FG-NMI"]),
             "floor AR@200": _r(metrics["gt"]["RGB K-means (floor)"]["AR@200"]),
             "report": str(ctx.writer.path.parent / ctx.version / "report.html")}
+
+
+def one_stage_maps(features: Any, instances: Sequence[Mapping[str, Any]], split: str, k: int, metric: str,
+                   seed: int) -> dict[int, np.ndarray]:
+    """The paper's one-stage baseline without its self-training: per object class, K-means (k
+    clusters) over the teacher feature cells of all its training instances, then every pixel of
+    the ``split``'s instances goes to the nearest centroid. Ids are class-consistent:
+    class_id × k + cluster. Returns instance_id → int32 (H, W) label map (-1 outside)."""
+    import torch
+
+    from partdistill.models.kmeans import assign, kmeans
+    from partdistill.models.part_mining import ObjectFeatures, cell_features, pixel_features
+    from partdistill.stages.features import FeatureReader, instance_mask
+
+    reader = FeatureReader(features)
+
+    def obj(row: Mapping[str, Any]) -> ObjectFeatures | None:
+        try:
+            grid, meta = reader.get(row["instance_id"])
+        except KeyError:
+            return None
+        mask = instance_mask(row)
+        return ObjectFeatures(grid, mask, int(meta["grid_y0"]), int(meta["grid_x0"]), float(meta["stride"]),
+                              (float(meta["scale_y"]), float(meta["scale_x"]))) if mask.any() else None
+
+    by_class: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in instances:
+        by_class[int(r["class_id"])].append(r)
+    out: dict[int, np.ndarray] = {}
+    for c, rows in sorted(by_class.items()):
+        train = [o for o in (obj(r) for r in rows if r["split"] != split) if o is not None]
+        if not train:
+            continue
+        cells = torch.cat([cell_features(o) for o in train])
+        centroids = torch.as_tensor(np.asarray(kmeans([cells], k=k, metric=metric, seed=seed)[0].centroids),
+                                    dtype=torch.float32)
+        for r in rows:
+            if r["split"] != split:
+                continue
+            o = obj(r)
+            if o is None:
+                continue
+            yx, feats = pixel_features(o)
+            lm = np.full(o.mask.shape, -1, np.int32)
+            lm[yx[:, 0], yx[:, 1]] = c * k + np.asarray(assign(feats, centroids, metric)).astype(np.int32)
+            out[int(r["instance_id"])] = lm
+    return out
 
 
 def _r(v: float) -> float | None:
@@ -364,5 +421,11 @@ def _report(path: Path, metrics: Mapping[str, Any], table: str, pictures: Mappin
                     f"<h1>Part quality, {html.escape(str(metrics['split']))} split</h1>{body}")
 
 
-STAGE = Stage("evaluate", ("data", "teacher", "instances", "mining", "proposals", "ranking", "distill"), "1", run,
-              reads_evaluation_only=True, summary="metrics and report")
+def _upstream(section: dict[str, Any], cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    # the one-stage baseline reads the stored features; fused mining stores none
+    base = ("data", "teacher", "instances", "mining", "proposals", "ranking", "distill")
+    return base if cfg["mining"]["fused"] else (*base, "features")
+
+
+STAGE = Stage("evaluate", ("data", "teacher", "instances", "features", "mining", "proposals", "ranking", "distill"),
+              "1", run, reads_evaluation_only=True, summary="metrics and report", upstream_for=_upstream)

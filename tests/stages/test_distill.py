@@ -100,6 +100,8 @@ def test_evaluate_scores_every_method_and_writes_the_report(full_run):
             assert final[key] is None or 0.0 <= final[key] <= 1.0
         assert rows["RGB K-means (floor)"]["C-mIoU"] is None, "per-object ids have no class-level mIoU"
     assert "mined parts" in metrics["pipeline"] and "proposals + ranking" in metrics["pipeline"]
+    one_stage = metrics["pipeline"]["one-stage K-means (no self-training)"]
+    assert one_stage["C-mIoU"] is None or 0.0 <= one_stage["C-mIoU"] <= 1.0
     assert metrics["gt"]["RGB K-means (floor)"]["AR@10"] > 0
     report = art.file("report.html").read_text()
     assert "<table>" in report and "data:image/png;base64" in report and "paper" in report
