@@ -227,13 +227,16 @@ def main() -> None:
     rgb = object_label_maps(objects, matches, rgb_label_maps(
         data.path, arts["instances"], args.split, k=4, metric=mcfg["metric"], seed=int(mcfg["seed"]),
         min_part_area=int(mcfg["min_part_area"])))
-    rows.append(("RGB K-means (floor)", score_row(objects, label_map_proposals(objects, rgb))))
+    kept: list[Sequence[Sequence[np.ndarray]]] = []   # each row's proposals, for the matched-objects table
+    kept.append(label_map_proposals(objects, rgb))
+    rows.append(("RGB K-means (floor)", score_row(objects, kept[-1])))
     log(rows[-1][0], start)
 
     start = time.perf_counter()
     mined = object_label_maps(objects, matches, instance_label_maps(arts["mining"], args.split))
     mined_name = "mined parts (K-means + CRF)" if mcfg["crf"]["enabled"] else "mined parts (K-means, CRF off)"
-    rows.append((mined_name, score_row(objects, label_map_proposals(objects, mined))))
+    kept.append(label_map_proposals(objects, mined))
+    rows.append((mined_name, score_row(objects, kept[-1])))
     columns.append(("mined parts", dict(enumerate(mined))))
     log(rows[-1][0], start)
 
@@ -242,6 +245,7 @@ def main() -> None:
         model = load_part_model(arts[name], device)
         proposals, maps = model_proposals(model, objects, data.path, device, set(shown))
         n = name.rsplit("_r", 1)[1]
+        kept.append(proposals)
         rows.append((f"proposals round {n}", score_row(objects, proposals)))
         columns.append((f"round {n}", maps))
         log(rows[-1][0], start)
@@ -280,6 +284,17 @@ def main() -> None:
         new = "–" if m is rows[1][1] else f"{100 * np.mean(m['found'] & ~mined_found):.1f}"
         lines.append(f"| {name} | {100 * m['AR@1']:.1f} | {100 * m['AR@10']:.1f} | {100 * m['AR@200']:.1f} | "
                      f"{100 * np.mean(m['found']):.1f} | {new} | {m['per_object']:.1f} |")
+    # the same rows on the objects an instance matched, where every row predicts something
+    idx = sorted(matches)
+    sub = [objects[i] for i in idx]
+    lines += ["", f"The same, on the {len(idx)} GT objects a teacher instance matched (every row predicts "
+              "for each):",
+              "", "| proposals | AR@1 | AR@10 | AR@200 | parts found | proposals / object |",
+              "|---|---|---|---|---|---|"]
+    for (name, _), props in zip(rows, kept, strict=True):
+        m = score_row(sub, [props[i] for i in idx])
+        lines.append(f"| {name} | {100 * m['AR@1']:.1f} | {100 * m['AR@10']:.1f} | {100 * m['AR@200']:.1f} | "
+                     f"{100 * np.mean(m['found']):.1f} | {m['per_object']:.1f} |")
     lines += ["", f"Picture: {written}"]
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)

@@ -226,7 +226,7 @@ def finetune(
         with RichProgress() as progress:
             done = run_finetune(store, fraction, init, distill, iters, seed, out, device, progress)
     except FinetuneError as err:
-        console.print(f"[red]{err}[/red]")
+        console.print(f"[red]{err}[/red]", soft_wrap=True)
         raise typer.Exit(EXIT_CONFIG) from None
     m = done.metrics
     Console().print(f"{m['init']} init, {m['images']} of {m['labelled_images']} labelled image(s) "

@@ -53,7 +53,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from partdistill.data.images import load_rgb
     from partdistill.evaluation.mined import instance_label_maps, match_instances
     from partdistill.evaluation.parts_eval import ObjectPrediction, from_label_map, query_proposals, score_method
-    from partdistill.evaluation.premise import load_gt_objects
     from partdistill.models.part_mining import mine_parts, rgb_object
     from partdistill.models.part_model import predict_parts
     from partdistill.stages.distill import object_parts
@@ -64,17 +63,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg, full = ctx.config, ctx.full_config
     split = cfg["split"]
     data = ctx.inputs["data"]
-    if f"parts_{split}.json" not in data.files:
-        raise FileNotFoundError(f"evaluate: the data artifact {data.path} has no part ground truth "
-                                f"parts_{split}.json; evaluate needs a data set with part labels (Parts World, "
-                                "PartImageNet, Pascal-Part)")
-    objects = load_gt_objects(data.path, split)
-    if not objects:
-        raise ValueError(f"evaluate: no object with part labels in split {split!r} of {data.path}")
+    objects, image_root, external = gt_objects(cfg, data)
+    if cfg.get("max_objects"):
+        objects = objects[:int(cfg["max_objects"])]
     ranking_classes = json.loads(ctx.inputs["ranking"].file("classes.json").read_text())
     k = int(ranking_classes["k"])
     teacher_names = json.loads(ctx.inputs["teacher"].file("teacher.json").read_text()).get("class_names") or []
-    inst_rows = [r for r in read_instances(ctx.inputs["instances"]).to_pylist() if r["split"] == split]
+    # the pipeline's instances cover the data artifact's images; an external GT set has none of them
+    inst_rows = [] if external else [r for r in read_instances(ctx.inputs["instances"]).to_pylist()
+                                     if r["split"] == split]
     names = list(teacher_names) or sorted({r["class_name"] for r in inst_rows} | {o.class_name for o in objects})
     class_ids = {n: i for i, n in enumerate(names)}
     for o in objects:
@@ -89,7 +86,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     def image(name: str) -> np.ndarray:
         if name not in img_cache:
-            img_cache[name] = load_rgb(data.path / name)
+            img_cache[name] = load_rgb(image_root / name)
         return img_cache[name]
 
     preds: dict[str, dict[str, list[ObjectPrediction]]] = {"gt": {}, "pipeline": {}}
@@ -116,7 +113,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         bar.advance(1)
 
         # mined parts
-        mined = instance_label_maps(ctx.inputs["mining"], split)
+        mined = {} if external else instance_label_maps(ctx.inputs["mining"], split)
         preds["pipeline"]["mined parts"] = [
             from_label_map(mined.get(matches[i], np.full(o.mask.shape, -1, np.int16)) if i in matches else None)
             for i, o in enumerate(objects)]
@@ -126,6 +123,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         lab = full["distill"]["label"]
         proposal_model = load_part_model(ctx.inputs["proposals"], device)
         final_model = load_part_model(ctx.inputs["distill"], device)
+        n_model_classes = final_model.decoder.num_classes // k
         for setting in ("gt", "pipeline"):
             preds[setting]["proposals"] = [ObjectPrediction(None) for _ in objects]
             preds[setting]["PartDistillation"] = [ObjectPrediction(None) for _ in objects]
@@ -140,7 +138,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
                     preds["pipeline"]["proposals"][i] = query_proposals(pm, ps, inst_mask[matches[i]],
                                                                         lab["mask_threshold"])
             for setting in ("gt", "pipeline"):
-                targets = [(i, objects[i].mask, class_ids[objects[i].class_name]) for i in idx] if setting == "gt" \
+                # a class the model has no part logits for (a data set's own classes) cannot be conditioned on
+                targets = [(i, objects[i].mask, class_ids[objects[i].class_name]) for i in idx
+                           if class_ids[objects[i].class_name] < n_model_classes] if setting == "gt" \
                     else [(i, inst_mask[matches[i]], int(inst_by_id[matches[i]]["class_id"])) for i in idx
                           if i in matches]
                 if not targets:
@@ -177,7 +177,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 lm[m] = r["label"]
             ranked.append(ObjectPrediction(lm, masks, [r["score"] for r in rows]))
         preds["pipeline"]["proposals + ranking"] = ranked
-        if "features" in ctx.inputs:
+        if "features" in ctx.inputs and not external:
             one_stage = one_stage_maps(ctx.inputs["features"], read_instances(ctx.inputs["instances"]).to_pylist(),
                                        split, int(ranking_classes["k"]), mcfg["metric"], int(mcfg["seed"]))
             preds["pipeline"]["one-stage K-means (no self-training)"] = [
@@ -185,8 +185,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
                                else None) for i, o in enumerate(objects)]
         bar.advance(1)
 
-    metrics: dict[str, Any] = {"split": split, "objects": len(objects), "matched_objects": len(matches), "k": k,
-                               "settings": SETTINGS, "paper_table3_partimagenet": PAPER}
+    if external:
+        preds.pop("pipeline")
+    unconditioned = sum(1 for o in objects if class_ids[o.class_name] >= n_model_classes)
+    metrics: dict[str, Any] = {"split": split, "gt_source": cfg["gt"]["source"], "objects": len(objects),
+                               "matched_objects": len(matches), "k": k, "settings": SETTINGS,
+                               "objects_of_classes_the_model_lacks": unconditioned,
+                               "paper_table3_partimagenet": PAPER}
     for setting, methods in preds.items():
         metrics[setting] = {m: score_method(objects, p, consistent[m], class_ids) for m, p in methods.items()}
     out = ctx.writer.path
@@ -200,6 +205,35 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "C-mIoU": _r(final["C-mIoU"]), "FG-NMI": _r(final["FG-NMI"]),
             "floor AR@200": _r(metrics["gt"]["RGB K-means (floor)"]["AR@200"]),
             "report": str(ctx.writer.path.parent / ctx.version / "report.html")}
+
+
+def gt_objects(cfg: Mapping[str, Any], data: Any) -> tuple[list[Any], Path, bool]:
+    """The split's GT objects with parts, the folder their ``file_name`` is relative to, and
+    whether they come from outside the data artifact."""
+    from partdistill.evaluation import loaders
+    from partdistill.evaluation.premise import load_gt_objects
+
+    split, gt = cfg["split"], dict(cfg["gt"])
+    source = gt["source"]
+    if source == "data":
+        if f"parts_{split}.json" not in data.files:
+            raise FileNotFoundError(
+                f"evaluate: the data artifact {data.path} has no part ground truth parts_{split}.json; set "
+                "evaluate.gt.source to 'partimagenet', 'pascal_part' or 'cityscapes_parts' with evaluate.gt.root, "
+                "or use a data set with part labels (Parts World)")
+        objects, root, external = load_gt_objects(data.path, split), Path(data.path), False
+    else:
+        readers = {"partimagenet": loaders.partimagenet, "pascal_part": loaders.pascal_part,
+                   "cityscapes_parts": loaders.cityscapes_panoptic_parts}
+        if source not in readers:
+            raise ValueError(f"evaluate.gt.source must be 'data' or one of {sorted(readers)}, got {source!r}")
+        if not gt.get("root"):
+            raise ValueError(f"evaluate.gt.source={source!r} needs evaluate.gt.root (the data set's folder)")
+        root = Path(gt["root"]).expanduser()
+        objects, external = list(readers[source](root, split)), True
+    if not objects:
+        raise ValueError(f"evaluate: no object with part labels in split {split!r} ({source}, {root})")
+    return objects, root, external
 
 
 def one_stage_maps(features: Any, instances: Sequence[Mapping[str, Any]], split: str, k: int, metric: str,

@@ -107,3 +107,20 @@ def test_evaluate_scores_every_method_and_writes_the_report(full_run):
     assert "<table>" in report and "data:image/png;base64" in report and "paper" in report
     assert any(n.startswith("purity/") for n in art.files) and any(n.startswith("overlays/") for n in art.files)
     assert "| PartDistillation |" in art.file("table.md").read_text()
+
+
+def test_evaluate_on_an_external_part_data_set(full_run):
+    """A part data set read by its loader (here PartImageNet's reader on the Parts World folder):
+    GT objects only, the pipeline-only rows left out."""
+    cfg, store, outcomes = full_run
+    data_dir = store.open("data", outcomes["data"].version).path
+    ext = _cfg(cfg, **MORE, **{"evaluate.gt": {"source": "partimagenet", "root": str(data_dir)}})
+    out = {o.stage: o for o in run_pipeline(ext, store, only="evaluate")}["evaluate"]
+    assert out.version != outcomes["evaluate"].version
+    metrics = json.loads(store.open("evaluate", out.version).file("metrics.json").read_text())
+    assert metrics["gt_source"] == "partimagenet" and "pipeline" not in metrics
+    assert {"RGB K-means (floor)", "proposals", "PartDistillation"} == set(metrics["gt"])
+
+    bad = _cfg(cfg, **MORE, **{"evaluate.gt": {"source": "partimagenet", "root": None}})
+    with pytest.raises(ValueError, match="needs evaluate.gt.root"):
+        run_pipeline(bad, store, only="evaluate")
