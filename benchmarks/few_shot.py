@@ -85,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the distill stage's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--work", default=None, help="folder for the fine-tuned models (default: a temporary one)")
     ap.add_argument("--out", default=str(REPO / "docs" / "few_shot.md"), help="the markdown table")
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for seed in args.seeds:
             for init in INITS:
                 done = finetune(args.store, fraction, init, args.distill, args.iters, seed,
-                                work / f"{init}_{fraction:g}_seed{seed}", args.device)
+                                work / f"{init}_{fraction:g}_seed{seed}", args.device, args.lr)
                 m = done.metrics
                 runs.append(m)
                 print(f"{init:<8} {100 * fraction:g}% seed {seed}: {m['images']} image(s), AR@200 {pct(m['AR@200'])}, "
@@ -120,8 +121,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"crops), batch {s['batch_size']}, lr {s['lr']:g}, on {s['device']}. Seeds: {', '.join(map(str, args.seeds))} "
         "(several: mean ± standard deviation). AR@200 ranks every query (here fewer than 200) by 1 − P(no-object); "
         "mIoU takes each object pixel's predicted part category as is, C-mIoU maps predicted categories to GT parts "
-        "by majority per object class (as `evaluate` scores the distilled model). In %. The paper's numbers are "
-        "for a SwinL Mask2Former on PartImageNet, tens of thousands of iterations: for orientation only.", "",
+        "by majority per object class (as `evaluate` scores the distilled model). In %. Seconds: training and "
+        "evaluation of one fine-tune, on a machine shared with other work (so timings vary several-fold). The "
+        "paper's numbers are for a SwinL Mask2Former on PartImageNet, tens of thousands of iterations: for "
+        "orientation only.", "",
     ]
     text = "\n".join(lines)
     print(text)

@@ -216,6 +216,7 @@ def finetune(
     out: Annotated[Path | None, typer.Option(help="output folder (default: finetune/{init}_{fraction}_seed{seed})")]
     = None,
     device: Annotated[str, typer.Option(help="'cpu' or 'cuda'")] = "cpu",
+    lr: Annotated[float | None, typer.Option(help="peak learning rate (default: the distill stage's)")] = None,
 ) -> None:
     """Few-shot fine-tuning on labelled parts (paper Table 4), scored on the val split."""
     from partdistill.finetune import FinetuneError
@@ -224,7 +225,7 @@ def finetune(
 
     try:
         with RichProgress() as progress:
-            done = run_finetune(store, fraction, init, distill, iters, seed, out, device, progress)
+            done = run_finetune(store, fraction, init, distill, iters, seed, out, device, lr, progress)
     except FinetuneError as err:
         console.print(f"[red]{err}[/red]", soft_wrap=True)
         raise typer.Exit(EXIT_CONFIG) from None

@@ -116,11 +116,12 @@ def find_sources(store_root: str | Path, init: str, distill: str | Path | None =
     try:
         artifact, _ = resolve_model(store.root, distill)
     except ModelNotFound as err:
-        if init == "distill" or distill is not None:
+        if distill is not None:
             # resolve_model speaks of predict's --model; here the option is --distill
-            what = f"--distill {distill}: {str(err).removeprefix(f'--model {distill!r}: ')}" if distill is not None \
-                else (
-                f"the store {store.root} has no complete `distill` artifact (distill_r1, ...)")
+            what = f"--distill {distill}: {str(err).removeprefix(f'--model {distill!r}: ')}"
+        else:
+            what = f"the store {store.root} has no complete `distill` artifact (distill_r1, ...)"
+        if init == "distill" or distill is not None:
             raise FinetuneError(f"{what}. Fine-tuning from the distilled model needs stage `distill`: "
                                 f"run `{RUN_COMMAND}`") from None
     try:
@@ -336,12 +337,14 @@ def finetune(
     seed: int = 0,
     out: str | Path | None = None,
     device: str = "cpu",
+    lr: float | None = None,
     progress: ProgressSink | None = None,
 ) -> Finetuned:
     """Fine-tune a part model on ``fraction`` of the labelled train images, from ``init``
     ('distill' or 'teacher'), for ``iters`` iterations, and score it on the val split. ``out``
     (default ``finetune/{init}_{fraction}_seed{seed}``) receives the files the module docstring
-    lists; an earlier run's files there are replaced."""
+    lists; an earlier run's files there are replaced. ``lr``: the peak learning rate (default the
+    distill stage's; the paper tunes it for its fine-tuning)."""
     import torch
 
     from partdistill.models.teacher import check_and_load
@@ -365,6 +368,7 @@ def finetune(
 
     spec = model_spec(sources, len(categories))
     source = init_checkpoint(sources, init)
+    torch.manual_seed(int(seed))  # the fresh class head's initialisation: the same seed, the same run
     state, fresh = initial_state(build_model(spec), source)
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)  # always a fresh run: a stale runner would resume it
@@ -372,9 +376,10 @@ def finetune(
     write_json_atomic(work / "parts.json", records)
     torch.save({"state_dict": state}, work / "init.pth")
     s, opt = sources.settings, sources.settings["optimizer"]
+    lr = float(opt["lr"] if lr is None else lr)
     rcfg = training_config(
         spec, work / "parts.json", work / "runner", work / "init.pth", image_size=s["image_size"],
-        max_iters=int(iters), batch_size=int(s["batch_size"]), lr=opt["lr"], weight_decay=opt["weight_decay"],
+        max_iters=int(iters), batch_size=int(s["batch_size"]), lr=lr, weight_decay=opt["weight_decay"],
         clip_grad=opt["clip_grad"], scale_range=s["scale_range"], flip=bool(s["flip"]), min_part_fraction=0.0,
         seed=int(seed), checkpoint_interval=int(iters), amp=device == "cuda")
     with progress.task(f"finetune {init} {fraction:g}: training", total=int(iters)) as bar:
@@ -409,7 +414,7 @@ def finetune(
                     "distill": f"{sources.distill.stage}/{sources.distill.version}" if sources.distill else None,
                     "init_checkpoint": str(source)},
         "fresh_keys": fresh,
-        "training": {"batch_size": int(s["batch_size"]), "image_size": list(s["image_size"]), "lr": opt["lr"],
+        "training": {"batch_size": int(s["batch_size"]), "image_size": list(s["image_size"]), "lr": lr,
                      "scale_range": list(s["scale_range"]), "flip": bool(s["flip"]),
                      "num_queries": int(s["num_queries"]), "device": device},
         "part_categories": names,

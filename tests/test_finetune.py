@@ -159,6 +159,13 @@ def test_finetune_writes_metrics_and_checkpoints(store, runs):
     assert torch.equal(tuned[frozen], source[frozen])
 
 
+def test_same_seed_same_training(store, runs, tmp_path):
+    again = finetune(store, 0.5, "distill", iters=1, seed=0, out=tmp_path / "again")
+    first = json.loads((runs["distill"] / "losses.json").read_text())[0]
+    assert json.loads((again.out / "losses.json").read_text()) == [first]
+    assert again.metrics["image_ids"] == json.loads((runs["distill"] / "metrics.json").read_text())["image_ids"]
+
+
 def test_distill_init_copies_the_decoder(store):
     sources = find_sources(store, "distill")
     p = len(part_categories(sources.data.path))

@@ -39,7 +39,7 @@ def stage_task(planned: PlannedStage, cfg: dict[str, Any], store: str | None = N
         logger.info("%s/%s is complete in the store: not recomputed", planned.name, planned.version)
         return Completed(data=result, name="Cached", message=f"artifact {planned.name}/{planned.version} exists")
     create_markdown_artifact(
-        key=f"{planned.name}-summary",
+        key=artifact_key(planned.name, "summary"),
         markdown=_summary_markdown(result),
         description=f"{planned.name} {planned.version}",
     )
@@ -60,6 +60,13 @@ def pipeline_flow(
     # hand back unresolved; .result() also re-raises a failed stage's error, stopping the flow.
     return [stage_task(planned, cfg, store, return_state=True).result()
             for planned in select(plan(cfg), until, only)]
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes only), e.g. proposals-r1-summary."""
+    import re
+
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
 def _summary_markdown(result: dict[str, Any]) -> str:

@@ -56,3 +56,12 @@ def test_flow_fails_on_unbuilt_stage_after_keeping_finished_ones(tiny_options, t
     assert "stage 'teacher' is not built yet" in state.message or "teacher" in str(state.message)
     assert len(store.versions("data")) == 1 and store.versions("teacher") == []
     assert _task_states(state) == {"data": "Completed", "teacher": "Failed"}
+
+
+def test_artifact_keys_are_valid_for_round_stages():
+    from prefect.artifacts import MarkdownArtifact
+
+    from partdistill.flows.pipeline import artifact_key
+
+    assert artifact_key("proposals_r1", "summary") == "proposals-r1-summary"
+    MarkdownArtifact(key=artifact_key("distill_r12", "summary"), markdown="x")  # validates the key
