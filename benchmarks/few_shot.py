@@ -11,7 +11,8 @@ query, by score 1 − P(no-object)), mIoU with the predicted part category taken
 (majority mapping per object class, as the `evaluate` stage scores the distilled model).
 
 Needs a store with a complete `distill` artifact (``partdistill run CONFIG --until distill``).
-Writes the fine-tuned models under ``--work`` (default a temporary folder) and the markdown table,
+Writes the fine-tuned models under ``--work`` (default a temporary folder; a rerun with the same
+``--work`` keeps the fine-tunes an interrupted run finished) and the markdown table,
 with the command, date and machine, to stdout and ``--out`` (default ``docs/few_shot.md``).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import platform
@@ -71,11 +73,26 @@ def table(runs: Sequence[Mapping[str, Any]], fractions: Sequence[float], seeds: 
                 return f"{pct(float(np.mean(vals)))} ± {100 * float(np.std(vals)):.1f}"
 
             paper = PAPER.get((init, fraction))
-            lines.append(f"| {100 * fraction:g}% | {'/'.join(str(r['images']) for r in rows)} of "
+            images = "/".join(dict.fromkeys(str(r["images"]) for r in rows))   # the same size for every seed
+            lines.append(f"| {100 * fraction:g}% | {images} of "
                          f"{rows[0]['labelled_images']} | {LABEL[init]} | {rows[0]['iters']} | {cell('AR@200')} | "
                          f"{cell('mIoU')} | {cell('C-mIoU')} | {np.mean([r['seconds'] for r in rows]):.0f} | "
                          + (f"{paper[0]:.1f} / {paper[1]:.1f}" if paper else "–") + " |")
     return lines
+
+
+def finished(out: Path, iters: int, lr: float | None, sources: Any) -> dict[str, Any] | None:
+    """The metrics of a fine-tune an earlier, interrupted benchmark finished in ``out`` with the
+    same settings and sources, or None."""
+    path = out / "metrics.json"
+    if not path.is_file():
+        return None
+    m = json.loads(path.read_text())
+    made = (m["iters"], m["sources"]["distill"], m["sources"]["teacher"])
+    want = (iters, f"{sources.distill.stage}/{sources.distill.version}", sources.teacher.version)
+    if made != want or (lr is not None and m["training"]["lr"] != lr):
+        return None
+    return m
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -101,9 +118,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     for fraction in args.fractions:
         for seed in args.seeds:
             for init in INITS:
-                done = finetune(args.store, fraction, init, args.distill, args.iters, seed,
-                                work / f"{init}_{fraction:g}_seed{seed}", args.device, args.lr)
-                m = done.metrics
+                out = work / f"{init}_{fraction:g}_seed{seed}"
+                m = finished(out, args.iters, args.lr, sources)
+                if m is None:
+                    m = finetune(args.store, fraction, init, args.distill, args.iters, seed, out, args.device,
+                                 args.lr).metrics
                 runs.append(m)
                 print(f"{init:<8} {100 * fraction:g}% seed {seed}: {m['images']} image(s), AR@200 {pct(m['AR@200'])}, "
                       f"mIoU {pct(m['mIoU'])}, C-mIoU {pct(m['C-mIoU'])}, {m['seconds']:.0f} s", file=sys.stderr)
@@ -119,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"a fresh {len(first['part_categories'])}+1-way class head) on the same seeded image subset with the distill "
         f"stage's augmentation (flip, scale jitter {s['scale_range']}, {s['image_size'][0]}×{s['image_size'][1]} "
         f"crops), batch {s['batch_size']}, lr {s['lr']:g}, on {s['device']}. Seeds: {', '.join(map(str, args.seeds))} "
-        "(several: mean ± standard deviation). AR@200 ranks every query (here fewer than 200) by 1 − P(no-object); "
+        "(several: mean ± standard deviation over seeds; each seed draws its own images and its own class-head "
+        "initialisation). AR@200 ranks every query (here fewer than 200) by 1 − P(no-object); "
         "mIoU takes each object pixel's predicted part category as is, C-mIoU maps predicted categories to GT parts "
         "by majority per object class (as `evaluate` scores the distilled model). In %. Seconds: training and "
         "evaluation of one fine-tune, on a machine shared with other work (so timings vary several-fold). The "

@@ -16,7 +16,7 @@ distill = dict(
     flip=True,
     loss_weights=dict(cls=2.0, mask=5.0, dice=5.0, no_object=0.1),
     optimizer=dict(lr=1e-4, weight_decay=0.05, clip_grad=0.01),
-    max_iters=300,
+    max_iters=200,
     batch_size=4,
     accumulate=1,
     checkpoint_interval=50,
