@@ -69,3 +69,40 @@ def test_two_processes_follow_one(tmp_path):
     # same images per step, same initial weights; only the random loss points differ
     np.testing.assert_allclose(two, one, rtol=0.05)
     assert not np.allclose(one[0], one[-1]), "the weights moved"
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
+    """2 batches of 1 with accumulate=2 make the same update as 1 batch of 2 (to point-sampling noise);
+    the update of the first image alone differs more."""
+    import torch
+    from mmdet.registry import MODELS
+
+    from partdistill.models.teacher import register_mmdet
+    from partdistill.models.train_teacher import train
+
+    register_mmdet()
+    ann = _dataset(tmp_path, n=2)
+    teacher = Config.fromfile(str(TEACHER))
+    model = model_config(teacher.model.to_dict(), num_queries=8, num_points=4096, importance_sample_ratio=0.0)
+    model["backbone"]["pretrained"] = False
+    torch.manual_seed(0)
+    net = MODELS.build(model)
+    net.init_weights()
+    init = tmp_path / "init.pth"
+    torch.save({"state_dict": net.state_dict()}, init)
+    key = "decoder.head.transformer_decoder.layers.0.ffn.layers.1.weight"
+
+    def update(name, batch_size, accumulate, iters):
+        cfg = training_config(model, ann, tmp_path / name, init, image_size=(64, 96), max_iters=iters,
+                              batch_size=batch_size, lr=1e-3, clip_grad=None, flip=False, scale_range=(1.0, 1.0),
+                              shuffle=False, seed=0, accumulate=accumulate, checkpoint_interval=100)
+        # plain SGD: the update is the (accumulated) gradient itself; Adam's first step is its sign
+        cfg.optim_wrapper.optimizer = dict(type="SGD", lr=1e-2, weight_decay=0.0)
+        return (train(cfg)["state_dict"][key] - net.state_dict()[key]).flatten()
+
+    big = update("big", 2, 1, 1)
+    accumulated = update("acc", 1, 2, 2)
+    first_only = update("one", 1, 1, 1)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(big, accumulated, dim=0) > 0.99  # measured 0.997
+    assert cos(big, first_only, dim=0) < cos(big, accumulated, dim=0)
