@@ -43,7 +43,27 @@ def stage_task(planned: PlannedStage, cfg: dict[str, Any], store: str | None = N
         markdown=_summary_markdown(result),
         description=f"{planned.name} {planned.version}",
     )
+    _publish_results(planned, result)
     return result
+
+
+def _publish_results(planned: PlannedStage, result: dict[str, Any]) -> None:
+    """The evaluate stage's metric table as a Prefect artifact, and links to its report and
+    pictures; keyed, so their history shows across runs."""
+    from pathlib import Path
+
+    from prefect.artifacts import create_link_artifact
+
+    path = Path(result["path"])
+    table = path / "table.md"
+    if table.exists():
+        create_markdown_artifact(key=artifact_key(planned.name, "metrics"), markdown=table.read_text(),
+                                 description=f"metrics of {planned.name} {planned.version}")
+    for name, what in (("report.html", "report"), ("pseudo_parts.png", "pseudo-parts"),
+                       ("loss.png", "loss")):
+        if (path / name).exists():
+            create_link_artifact(key=artifact_key(planned.name, what), link=(path / name).resolve().as_uri(),
+                                 link_text=f"{planned.name} {what}", description=f"{planned.name} {planned.version}")
 
 
 @flow(name="partdistill")
