@@ -124,3 +124,24 @@ def test_evaluate_on_an_external_part_data_set(full_run):
     bad = _cfg(cfg, **MORE, **{"evaluate.gt": {"source": "partimagenet", "root": None}})
     with pytest.raises(ValueError, match="needs evaluate.gt.root"):
         run_pipeline(bad, store, only="evaluate")
+
+
+@pytest.mark.slow
+def test_notebooks_run_against_the_store(full_run, monkeypatch):
+    """Both notebooks execute top to bottom (nbclient) on the tiny run's store."""
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    from tests.conftest import REPO
+
+    _, store, _ = full_run
+    monkeypatch.setenv("PARTDISTILL_STORE", str(store.root))
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend shows the figures
+    for name in ("inspect_mined_parts.ipynb", "compare_rounds.ipynb"):
+        nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                  if o.get("output_type") == "error"]
+        assert not errors, f"{name}: {errors}"
+        assert any(o.get("output_type") == "display_data" for c in nb.cells if c.cell_type == "code"
+                   for o in c.get("outputs", [])), f"{name} drew no figure"
