@@ -60,6 +60,21 @@ TINY = {"data.partsworld.images": 12, "data.partsworld.width": 128, "data.partsw
         "instances.score_threshold": 0.0, "instances.shard_images": 4, "features.shard_images": 4}
 
 
+# A tiny run through `distill` (ground-truth objects, no CRF, a few iterations per model, loose
+# label thresholds so that a barely trained model still labels something).
+TINY_DISTILL = {
+    "data.partsworld.images": 12, "data.partsworld.width": 128, "data.partsworld.height": 96,
+    "data.partsworld.shard_size": 4, "teacher.train.max_iters": 3, "teacher.train.batch_size": 2,
+    "teacher.train.image_size": [96, 128], "teacher.train.checkpoint_interval": 2,
+    "instances.score_threshold": 0.0, "instances.source": "gt", "mining.crf.enabled": False,
+    "proposals.rounds": 1, "proposals.num_queries": 8, "proposals.num_points": 256, "proposals.max_iters": 4,
+    "proposals.batch_size": 2, "proposals.image_size": [96, 128], "proposals.label.score_threshold": 0.0,
+    "proposals.label.mask_threshold": 0.2, "ranking.score_threshold": 0.0, "distill.num_queries": 8,
+    "distill.num_points": 256, "distill.max_iters": 4, "distill.batch_size": 2, "distill.image_size": [96, 128],
+    "distill.label.score_threshold": 0.0, "distill.label.mask_threshold": 0.2,
+}
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """data → teacher → instances → features once on a tiny Parts World, shared by the stage tests."""

@@ -28,21 +28,11 @@ from partdistill.finetune import (
 from partdistill.models.teacher import load_state_dict
 from partdistill.pipeline import run_pipeline
 from partdistill.stages.teacher import teacher_checkpoint
-from tests.conftest import DEMO_CONFIG
+from tests.conftest import DEMO_CONFIG, TINY_DISTILL
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
-OPTIONS = {
-    "data.partsworld.images": 12, "data.partsworld.width": 128, "data.partsworld.height": 96,
-    "data.partsworld.shard_size": 4, "teacher.train.max_iters": 3, "teacher.train.batch_size": 2,
-    "teacher.train.image_size": [96, 128], "teacher.train.checkpoint_interval": 2,
-    "instances.score_threshold": 0.0, "instances.source": "gt", "mining.crf.enabled": False,
-    "proposals.rounds": 1, "proposals.num_queries": 8, "proposals.num_points": 256, "proposals.max_iters": 4,
-    "proposals.batch_size": 2, "proposals.image_size": [96, 128], "proposals.label.score_threshold": 0.0,
-    "proposals.label.mask_threshold": 0.2, "ranking.score_threshold": 0.0, "distill.num_queries": 8,
-    "distill.num_points": 256, "distill.max_iters": 4, "distill.batch_size": 2, "distill.image_size": [96, 128],
-    "distill.label.score_threshold": 0.0, "distill.label.mask_threshold": 0.2,
-}
+OPTIONS = TINY_DISTILL
 TRANSFORMER = "decoder.head.transformer_decoder.layers.0.cross_attn.attn.in_proj_weight"
 
 

@@ -14,21 +14,11 @@ from partdistill.cli import app
 from partdistill.config import load_config
 from partdistill.pipeline import run_pipeline
 from partdistill.storage import ArtifactStore, rle_to_mask
-from tests.conftest import DEMO_CONFIG
+from tests.conftest import DEMO_CONFIG, TINY_DISTILL
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
-OPTIONS = {
-    "data.partsworld.images": 12, "data.partsworld.width": 128, "data.partsworld.height": 96,
-    "data.partsworld.shard_size": 4, "teacher.train.max_iters": 3, "teacher.train.batch_size": 2,
-    "teacher.train.image_size": [96, 128], "teacher.train.checkpoint_interval": 2,
-    "instances.score_threshold": 0.0, "instances.source": "gt", "mining.crf.enabled": False,
-    "proposals.rounds": 1, "proposals.num_queries": 8, "proposals.num_points": 256, "proposals.max_iters": 4,
-    "proposals.batch_size": 2, "proposals.image_size": [96, 128], "proposals.label.score_threshold": 0.0,
-    "proposals.label.mask_threshold": 0.2, "ranking.score_threshold": 0.0, "distill.num_queries": 8,
-    "distill.num_points": 256, "distill.max_iters": 4, "distill.batch_size": 2, "distill.image_size": [96, 128],
-    "distill.label.score_threshold": 0.0, "distill.label.mask_threshold": 0.2,
-}
+OPTIONS = TINY_DISTILL
 # A 4-iteration model's part masks rarely pass 0.2 over 5% of an object: looser, so parts appear.
 LOOSE = {"mask_threshold": 0.05, "min_fraction": 0.0}
 BACKGROUND = (200, 200, 200)

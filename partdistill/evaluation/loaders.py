@@ -71,6 +71,15 @@ class GTObjectList(list[GTObject]):
         self.part_names: dict[str, dict[int, str]] = {c: dict(p) for c, p in (part_names or {}).items()}
         self.dropped = dropped
 
+    def add(self, obj: GTObject | None, limit: int | None) -> bool:
+        """Keep ``obj``, or count it dropped when it is None (no part pixel); True once
+        ``limit`` objects are kept."""
+        if obj is None:
+            self.dropped += 1
+            return False
+        self.append(obj)
+        return limit is not None and len(self) >= limit
+
 
 # --- shared ------------------------------------------------------------------------------------
 
@@ -190,12 +199,9 @@ def partimagenet(root: str | os.PathLike[str], split: str = "val", limit: int | 
         for class_name in sorted(by_class):
             parts = by_class[class_name]
             mask = np.logical_or.reduce([m for _, m in parts])
+            # None (counted as dropped): only empty parts, e.g. degenerate polygons
             obj = _gt_object(record.image_id, f"{split}/{record.file_name}", class_name, mask, parts)
-            if obj is None:  # only empty parts, e.g. degenerate polygons
-                objects.dropped += 1
-                continue
-            objects.append(obj)
-            if limit is not None and len(objects) >= limit:
+            if objects.add(obj, limit):
                 return objects
     return objects
 
@@ -349,11 +355,7 @@ def pascal_part(
                     )
                 labelled.append((part_ids[class_name][table.get(class_name, {}).get(fine, fine)], part_mask))
             obj = _gt_object(int(voc_id.replace("_", "")), file_name, class_name, mask, labelled)
-            if obj is None:
-                objects.dropped += 1
-                continue
-            objects.append(obj)
-            if limit is not None and len(objects) >= limit:
+            if objects.add(obj, limit):
                 return objects
     return objects
 
@@ -513,12 +515,7 @@ def cityscapes_panoptic_parts(
                     f"{class_name} has parts 1..{len(parts)}"
                 )
             labelled = [(p - 1, mask & (pid == p)) for p in found.tolist() if p >= 1]
-            obj = _gt_object(image_id, file_name, class_name, mask, labelled)
-            if obj is None:
-                objects.dropped += 1
-                continue
-            objects.append(obj)
-            if limit is not None and len(objects) >= limit:
+            if objects.add(_gt_object(image_id, file_name, class_name, mask, labelled), limit):
                 return objects
     return objects
 

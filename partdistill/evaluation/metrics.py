@@ -295,6 +295,15 @@ def per_object_nmi_ari(
     }
 
 
+def _object_pixels(g: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One object's GT and predicted ids, flattened to int64; their shapes must agree."""
+    g = np.asarray(g).ravel().astype(np.int64)
+    p = np.asarray(p).ravel().astype(np.int64)
+    if g.shape != p.shape:
+        raise ValueError(f"object label shapes differ: {g.shape} vs {p.shape}")
+    return g, p
+
+
 def per_class_nmi_ari(
     gt_labels: Sequence[np.ndarray],
     pred_labels: Sequence[np.ndarray],
@@ -328,10 +337,7 @@ def per_class_nmi_ari(
         raise ValueError("gt_labels, pred_labels and object_classes must have the same length")
     pooled: dict[Hashable, tuple[list[np.ndarray], list[np.ndarray]]] = {}
     for g, p, c in zip(gt_labels, pred_labels, object_classes, strict=True):
-        g = np.asarray(g).ravel().astype(np.int64)
-        p = np.asarray(p).ravel().astype(np.int64)
-        if g.shape != p.shape:
-            raise ValueError(f"object label shapes differ: {g.shape} vs {p.shape}")
+        g, p = _object_pixels(g, p)
         keep = g >= 0
         if keep.any():
             gs, ps = pooled.setdefault(c, ([], []))
@@ -414,10 +420,7 @@ def miou(
         raise ValueError("gt_labels, pred_labels and object_classes must have the same length")
     per_class: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for g, p, c in zip(gt_labels, pred_labels, object_classes, strict=True):
-        g = np.asarray(g).ravel().astype(np.int64)
-        p = np.asarray(p).ravel().astype(np.int64)
-        if g.shape != p.shape:
-            raise ValueError(f"object label shapes differ: {g.shape} vs {p.shape}")
+        g, p = _object_pixels(g, p)
         keep = g >= 0
         per_class.setdefault(int(c), []).append((g[keep], p[keep]))
 

@@ -52,6 +52,8 @@ def training_config(
     ``scale_range=(1, 1)`` gives a deterministic order (used to compare 1 and 2 processes)."""
     from mmengine.config import Config
 
+    from partdistill.models.train_teacher import runner_settings
+
     h, w = (int(v) for v in image_size)
     pipeline: list[dict[str, Any]] = [
         dict(type="LoadImageFromFile", to_float32=True),
@@ -93,21 +95,8 @@ def training_config(
                          filter_cfg=None, pipeline=pipeline, serialize_data=False)),
         train_cfg=dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters + 1),
         optim_wrapper=optim_wrapper,
-        param_scheduler=[dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=min(50, max_iters)),
-                         dict(type="MultiStepLR", begin=0, end=max_iters, by_epoch=False,
-                              milestones=[int(max_iters * 0.8), int(max_iters * 0.9)], gamma=0.1)],
-        default_hooks=dict(
-            timer=dict(type="IterTimerHook"),
-            logger=dict(type="LoggerHook", interval=25, log_metric_by_epoch=False),
-            param_scheduler=dict(type="ParamSchedulerHook"),
-            checkpoint=dict(type="CheckpointHook", interval=checkpoint_interval, by_epoch=False,
-                            max_keep_ckpts=1, save_last=True),
-            sampler_seed=dict(type="DistSamplerSeedHook")),
-        log_processor=dict(type="LogProcessor", window_size=25, by_epoch=False),
-        env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
-                     dist_cfg=dict(backend="nccl" if _cuda() else "gloo")),
-        randomness=dict(seed=seed, deterministic=False),
-        log_level="ERROR",
+        **runner_settings(max_iters, checkpoint_interval, seed, milestones=(0.8, 0.9),
+                          backend="nccl" if _cuda() else "gloo"),
         launcher=launcher,
         # a fresh run starts from init_checkpoint; a killed one resumes from work_dir's last checkpoint
         resume=resume,

@@ -17,6 +17,30 @@ import torch
 from partdistill.models.teacher import register_mmdet
 
 
+def runner_settings(max_iters: int, checkpoint_interval: int, seed: int, milestones: Sequence[float],
+                    backend: str) -> dict[str, Any]:
+    """The Runner settings every training here shares: warm-up then step decay at the
+    ``milestones`` (fractions of ``max_iters``), iteration-based logging, one kept checkpoint
+    every ``checkpoint_interval`` iterations (what a killed run resumes from), the seed."""
+    return dict(
+        param_scheduler=[dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=min(50, max_iters)),
+                         dict(type="MultiStepLR", begin=0, end=max_iters, by_epoch=False,
+                              milestones=[int(max_iters * m) for m in milestones], gamma=0.1)],
+        default_hooks=dict(
+            timer=dict(type="IterTimerHook"),
+            logger=dict(type="LoggerHook", interval=25, log_metric_by_epoch=False),
+            param_scheduler=dict(type="ParamSchedulerHook"),
+            checkpoint=dict(type="CheckpointHook", interval=checkpoint_interval, by_epoch=False,
+                            max_keep_ckpts=1, save_last=True),
+            sampler_seed=dict(type="DistSamplerSeedHook")),
+        log_processor=dict(type="LogProcessor", window_size=25, by_epoch=False),
+        env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+                     dist_cfg=dict(backend=backend)),
+        randomness=dict(seed=seed, deterministic=False),
+        log_level="ERROR",
+    )
+
+
 def training_config(
     mmdet_config: str | Path,
     data_root: str | Path,
@@ -71,21 +95,7 @@ def training_config(
             paramwise_cfg=dict(custom_keys={"backbone": dict(lr_mult=0.1, decay_mult=1.0),
                                             "query_embed": embed, "query_feat": embed, "level_embed": embed},
                                norm_decay_mult=0.0)),
-        param_scheduler=[dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=min(50, max_iters)),
-                         dict(type="MultiStepLR", begin=0, end=max_iters, by_epoch=False,
-                              milestones=[int(max_iters * 0.8)], gamma=0.1)],
-        default_hooks=dict(
-            timer=dict(type="IterTimerHook"),
-            logger=dict(type="LoggerHook", interval=25, log_metric_by_epoch=False),
-            param_scheduler=dict(type="ParamSchedulerHook"),
-            checkpoint=dict(type="CheckpointHook", interval=checkpoint_interval, by_epoch=False,
-                            max_keep_ckpts=1, save_last=True),
-            sampler_seed=dict(type="DistSamplerSeedHook")),
-        log_processor=dict(type="LogProcessor", window_size=25, by_epoch=False),
-        env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
-                     dist_cfg=dict(backend="gloo")),
-        randomness=dict(seed=seed, deterministic=False),
-        log_level="ERROR",
+        **runner_settings(max_iters, checkpoint_interval, seed, milestones=(0.8,), backend="gloo"),
         launcher="none",
         resume=True,
         load_from=None,

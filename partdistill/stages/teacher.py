@@ -142,17 +142,18 @@ def load_teacher(artifact: Artifact, device: str = "cpu", resize_long_side: int 
 
 def teacher_checkpoint(artifact: Artifact) -> Path:
     """The checkpoint file a `teacher` artifact uses (its own, or the user's file it refers to)."""
-    record = json.loads(artifact.file("teacher.json").read_text())
+    return _checkpoint_path(artifact.path, json.loads(artifact.file("teacher.json").read_text()))
+
+
+def _checkpoint_path(root: Path, record: dict[str, Any]) -> Path:
     ckpt = Path(record["checkpoint"])
-    return ckpt if ckpt.is_absolute() else artifact.path / ckpt
+    return ckpt if ckpt.is_absolute() else root / ckpt
 
 
 def load_teacher_from(root: Path, record: dict[str, Any], device: str, resize_long_side: int | None):
     from partdistill.models.teacher import Teacher
 
-    ckpt = Path(record["checkpoint"])
-    ckpt = ckpt if ckpt.is_absolute() else root / ckpt
-    return Teacher.from_config(root / record["mmdet_config"], ckpt, device=device,
+    return Teacher.from_config(root / record["mmdet_config"], _checkpoint_path(root, record), device=device,
                                resize_long_side=resize_long_side, class_names=record.get("class_names"))
 
 

@@ -29,11 +29,11 @@ def _mining(cfg, store=None, **options):
     return cfg, out, store.open("mining", out.version)
 
 
-def _linked_store(tmp_path, store: ArtifactStore) -> ArtifactStore:
-    """A second store that shares the upstream artifacts (symlinks) but not `mining`."""
+def _linked_store(tmp_path, store: ArtifactStore, upstream=UPSTREAM) -> ArtifactStore:
+    """A second store that shares the ``upstream`` artifacts (symlinks) and nothing else."""
     other = ArtifactStore(tmp_path / "store2")
     other.root.mkdir()
-    for name in UPSTREAM:
+    for name in upstream:
         if (store.root / name).exists():
             (other.root / name).symlink_to(store.root / name)
     return other

@@ -16,6 +16,7 @@ from partdistill.pipeline import plan, run_pipeline
 from partdistill.stages import proposals
 from partdistill.stages.proposals import NoTrainingData, label_image, training_records
 from partdistill.storage import ArtifactStore, mask_to_rle, rle_to_mask
+from tests.stages.test_mining import _linked_store as linked_store
 
 UPSTREAM = ("data", "teacher", "instances", "features", "mining")
 # A tiny decoder that trains a few iterations: these tests check the plumbing, not quality.
@@ -39,12 +40,7 @@ def _cfg(cfg, **options):
 
 
 def _linked_store(tmp_path, store: ArtifactStore) -> ArtifactStore:
-    other = ArtifactStore(tmp_path / "store2")
-    other.root.mkdir()
-    for name in UPSTREAM:
-        if (store.root / name).exists():
-            (other.root / name).symlink_to(store.root / name)
-    return other
+    return linked_store(tmp_path, store, UPSTREAM)
 
 
 @pytest.fixture(scope="module")
