@@ -168,6 +168,7 @@ class Predictor:
         ``mask_threshold`` or ``min_fraction`` overriding the artifact's ``distill.label`` ones.
         Raises ModelNotFound for a reference that names no distill artifact."""
         from partdistill.stages.proposals import load_part_model
+        from partdistill.stages.ranking import read_classes
         from partdistill.stages.teacher import load_teacher
 
         artifact, description = resolve_model(store_root, model)
@@ -187,7 +188,7 @@ class Predictor:
         merged = artifact.manifest.get("merged_config") or {}
         label = {**artifact.manifest["config"]["label"], **thresholds}
         teacher = load_teacher(teacher_artifact, device, (merged.get("teacher") or {}).get("resize_long_side"))
-        k = int(json.loads(ranking.file("classes.json").read_text())["k"])
+        k = int(read_classes(ranking)["k"])
         return cls(load_part_model(artifact, device), teacher, artifact, k, device, label=label,
                    batch_size=int(merged.get("instances", {}).get("batch_size", 4)), description=description)
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from partdistill.stages.base import Stage, StageContext
+from partdistill.stages.ranking import read_classes
 
 
 def labeled_parts_name(round_: int) -> str:
@@ -108,7 +109,7 @@ def num_object_classes(ctx_inputs: Mapping[str, Any]) -> int:
     class id the ranking saw."""
     teacher = json.loads(ctx_inputs["teacher"].file("teacher.json").read_text())
     names = teacher.get("class_names") or []
-    seen = [int(c) for c in json.loads(ctx_inputs["ranking"].file("classes.json").read_text())["classes"]]
+    seen = [int(c) for c in read_classes(ctx_inputs["ranking"])["classes"]]
     return max(len(names), max(seen, default=-1) + 1)
 
 
@@ -119,7 +120,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from partdistill.stages.ranking import LABELED_SCHEMA
 
     r = ctx.round or 1
-    k = int(json.loads(ctx.inputs["ranking"].file("classes.json").read_text())["k"])
+    k = int(read_classes(ctx.inputs["ranking"])["k"])
     n_classes = num_object_classes(ctx.inputs)
     if r == 1:
         parts = pq.read_table(ctx.inputs["ranking"].file("labeled_parts.parquet"))

@@ -58,15 +58,17 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from partdistill.stages.distill import object_parts
     from partdistill.stages.instances import read_instances
     from partdistill.stages.proposals import load_part_model
+    from partdistill.stages.ranking import read_classes
     from partdistill.storage import rle_to_mask
 
     cfg, full = ctx.config, ctx.full_config
     split = cfg["split"]
+    ar_ks = tuple(int(k_) for k_ in cfg["ar_max_dets"])
     data = ctx.inputs["data"]
     objects, image_root, external = gt_objects(cfg, data)
     if cfg.get("max_objects"):
         objects = objects[:int(cfg["max_objects"])]
-    ranking_classes = json.loads(ctx.inputs["ranking"].file("classes.json").read_text())
+    ranking_classes = read_classes(ctx.inputs["ranking"])
     k = int(ranking_classes["k"])
     teacher_names = json.loads(ctx.inputs["teacher"].file("teacher.json").read_text()).get("class_names") or []
     # the pipeline's instances cover the data artifact's images; an external GT set has none of them
@@ -193,20 +195,21 @@ def run(ctx: StageContext) -> dict[str, Any]:
                                "objects_of_classes_the_model_lacks": unconditioned,
                                "paper_table3_partimagenet": PAPER}
     for setting, methods in preds.items():
-        metrics[setting] = {m: score_method(objects, p, consistent[m], class_ids) for m, p in methods.items()}
+        metrics[setting] = {m: score_method(objects, p, consistent[m], class_ids, ar_ks) for m, p in methods.items()}
     # per object class, with GT objects: where do the methods win and lose?
     by_cls: dict[str, list[int]] = defaultdict(list)
     for i, o in enumerate(objects):
         by_cls[o.class_name].append(i)
     metrics["per_class"] = {
-        cls: {m: score_method([objects[i] for i in idx], [preds["gt"][m][i] for i in idx], consistent[m], class_ids)
+        cls: {m: score_method([objects[i] for i in idx], [preds["gt"][m][i] for i in idx], consistent[m], class_ids,
+                              ar_ks)
               for m in preds["gt"]} | {"objects": len(idx)}
         for cls, idx in sorted(by_cls.items())}
     out = ctx.writer.path
     write_json_atomic(out / "metrics.json", _finite(metrics))
     table = metrics_table(metrics)
     (out / "table.md").write_text(table)
-    pictures = _pictures(out, objects, preds["gt"], image, ctx.inputs["distill"], data.path, k, names)
+    pictures = _pictures(out, objects, preds["gt"], image, ctx.inputs["distill"], data.path)
     _report(out / "report.html", metrics, table, pictures)
     final = metrics["gt"]["PartDistillation"]
     return {"objects": len(objects), "matched": len(matches), "AR@200": _r(final["AR@200"]),
@@ -342,8 +345,8 @@ def _pct(v: float | None) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
-def _pictures(out: Path, objects, preds: Mapping[str, Sequence[Any]], image, distill, data_dir: Path, k: int,
-              names: Sequence[str]) -> dict[str, list[str]]:
+def _pictures(out: Path, objects, preds: Mapping[str, Sequence[Any]], image, distill,
+              data_dir: Path) -> dict[str, list[str]]:
     """Per-class overlays (GT parts | each method) and the purity grids; returns the file names."""
     import pyarrow.parquet as pq
 
