@@ -77,6 +77,12 @@ def run(
     except pipeline.PipelineError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from None
+    except _input_errors() as err:
+        # bad input that a stage named (a data set, a checkpoint, features gone NaN): the message
+        # says which file and what to do; a traceback would only bury it
+        console.print(f"[red]{type(err).__name__}: {err}[/red]")
+        _print_status(cfg, store)
+        raise typer.Exit(1) from None
     for o in outcomes:
         console.print(f"  {o['stage']:<12} {o['version']}  {o['state']:<9} {o['seconds']:7.1f} s", soft_wrap=True)
     console.print(f"done in {time.monotonic() - start:.1f} s")
@@ -86,6 +92,14 @@ def run(
         # the table goes to stdout (it is the run's result); progress and status went to stderr
         print("\n" + (path / "table.md").read_text())
         console.print(f"report: {(path / 'report.html').resolve()}")
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from partdistill.data.images import DatasetError, ImageLoadError
+    from partdistill.models.teacher import CheckpointError
+    from partdistill.stages.proposals import NoTrainingData
+
+    return (DatasetError, ImageLoadError, CheckpointError, NoTrainingData, FloatingPointError)
 
 
 def _print_status(cfg: dict, store: str | None) -> None:
@@ -129,6 +143,34 @@ def verify(
 
 
 @app.command()
+def gc(
+    store: Annotated[Path, typer.Option("--store", help="artifact store root")] = Path("store"),
+    older_than: Annotated[float, typer.Option(help="only partial folders untouched for this many hours")] = 0.0,
+    keep: Annotated[list[Path] | None, typer.Option(
+        "--keep", help="also remove complete versions that none of these configs uses (repeatable)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list, remove nothing")] = False,
+) -> None:
+    """Remove stale partial artifacts (killed runs' leftovers that no run is writing).
+
+    A partial folder is what a rerun of that version resumes from: remove it once you will not
+    rerun it. With --keep CONFIG, complete versions no given config plans are removed too."""
+    from partdistill import pipeline
+    from partdistill.storage import ArtifactStore
+
+    keep_set = None
+    if keep:
+        keep_set = {(p.name, p.version) for c in keep for p in pipeline.plan(_load(c, None))}
+    items = ArtifactStore(store).gc(older_than * 3600, keep_set, dry_run)
+    out = Console()
+    for it in items:
+        colour = "dim" if it.action == "kept" else "yellow"
+        out.print(f"[{colour}]{it.action:<12}[/{colour}] {it.path}  {_human(it.bytes)}  ({it.reason})", soft_wrap=True)
+    freed = sum(it.bytes for it in items if it.action != "kept")
+    out.print(f"{'would free' if dry_run else 'freed'} {_human(freed)} in "
+              f"{sum(it.action != 'kept' for it in items)} folder(s) under {store}")
+
+
+@app.command()
 def partsworld(
     out: Annotated[Path, typer.Option(help="output folder")],
     images: Annotated[int, typer.Option(help="number of images")] = 64,
@@ -168,6 +210,7 @@ def predict(
                                                             "(default: the model's distill.label)")] = None,
 ) -> None:
     """Segment the parts of the objects in new images with a trained distill model."""
+    from partdistill.models.teacher import CheckpointError
     from partdistill.predict import ModelNotFound, Predictor, find_images, write_predictions
     from partdistill.progress import RichProgress
 
@@ -182,7 +225,7 @@ def predict(
                       "min_fraction": min_fraction}
         predictor = Predictor.from_store(store, model, device,
                                          **{k: v for k, v in thresholds.items() if v is not None})
-    except ModelNotFound as err:
+    except (ModelNotFound, CheckpointError) as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(EXIT_CONFIG) from None
     console.print(f"model {predictor.description}, {len(paths)} image(s)", soft_wrap=True)
@@ -235,6 +278,34 @@ def finetune(
                     f"mIoU {100 * m['mIoU']:.1f}, C-mIoU {100 * m['C-mIoU']:.1f} in {m['seconds']:.0f} s",
                     soft_wrap=True)
     Console().print(f"wrote {done.out / 'metrics.json'} and {done.out / 'checkpoint.pth'}", soft_wrap=True)
+
+
+@app.command()
+def serve(
+    config: ConfigArg = Path(DEFAULT_CONFIG),
+    store: StoreOpt = None,
+    cfg_options: OptionsOpt = None,
+    port: Annotated[int, typer.Option(help="port of the Prefect server started here, on 127.0.0.1 only "
+                                           "(when PREFECT_API_URL is not set or does not answer)")] = 4200,
+    limit: Annotated[int, typer.Option(help="most flow runs at a time (0: no limit)")] = 1,
+) -> None:
+    """The Prefect UI and the pipeline as deployments: partdistill/pipeline and one per stage.
+
+    Uses the server at PREFECT_API_URL if it answers, else starts `prefect server start --host
+    127.0.0.1` (stopped on exit). CONFIG, --store and -o become the deployments' default parameters.
+    """
+    from partdistill import pipeline
+    from partdistill.flows.serve import ServeError
+    from partdistill.flows.serve import serve as serve_deployments
+
+    cfg = _load(config, cfg_options)
+    try:
+        pipeline.plan(cfg)
+        serve_deployments(config, cfg, store, cfg_options, port=port, limit=limit or None,
+                          echo=lambda line: Console(soft_wrap=True).print(line, highlight=False, markup=False))
+    except (ServeError, pipeline.PipelineError) as err:
+        console.print(f"[red]{err}[/red]", soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 def _human(n: int) -> str:

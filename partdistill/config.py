@@ -101,8 +101,23 @@ def validate(cfg: Mapping[str, Any], path: Path, cli_keys: set[str] = frozenset(
         else:
             continue
         errors[-1] += f" — set in {_where(key, path, cli_keys)}"
+    if not errors:
+        try:
+            max_pixels(cfg)
+        except ConfigError as err:
+            errors.append(f"{err} — set in {_where('data.max_pixels', path, cli_keys)}")
     if errors:
         raise ConfigError(f"invalid config {path}:\n  " + "\n  ".join(errors))
+
+
+def max_pixels(cfg: Mapping[str, Any]) -> int:
+    """``data.max_pixels``: the largest image, in pixels, that any stage decodes (the default when unset)."""
+    from partdistill.data.images import DEFAULT_MAX_PIXELS
+
+    value = (cfg.get("data") or {}).get("max_pixels", DEFAULT_MAX_PIXELS)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"data.max_pixels must be a positive int (a number of pixels), got {value!r}")
+    return value
 
 
 def section(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:

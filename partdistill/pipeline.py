@@ -7,7 +7,9 @@ these, one task per stage; ``run_pipeline`` calls them in a plain loop for noteb
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import platform
 import subprocess
 import time
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import partdistill
+from partdistill.parallel import ShardMapper, check_runtime, open_mapper
 from partdistill.progress import NullProgress, ProgressSink
 from partdistill.stages import STAGES, StageContext
 from partdistill.storage import ArtifactNotFound, ArtifactStore, content_version
@@ -64,6 +67,10 @@ class StageOutcome:
 def plan(cfg: Mapping[str, Any]) -> list[PlannedStage]:
     """Every stage with its version, in run order. Versions chain: a stage's version hashes its
     upstream versions, so a config change reaches everything downstream and nothing upstream."""
+    try:  # runtime settings enter no version, but one that cannot work fails here, before any work
+        check_runtime(cfg.get("runtime", {}))
+    except ValueError as err:
+        raise PipelineError(str(err)) from None
     versions: dict[str, str] = {}
     stored_as: dict[str, str] = {}  # stage → the planned name downstream stages read (a stage's last round)
     planned = []
@@ -154,8 +161,10 @@ def run_stage(
     cfg: Mapping[str, Any],
     progress: ProgressSink | None = None,
     on_wait: Callable[[str], None] | None = None,
+    mapper: ShardMapper | None = None,
 ) -> StageOutcome:
-    """Run one stage unless its version is complete. Upstream artifacts must exist."""
+    """Run one stage unless its version is complete. Upstream artifacts must exist. ``mapper``
+    runs the stage's shards (:func:`partdistill.parallel.open_mapper`); None: in this process."""
     stage = STAGES[planned.stage_name]
     path = str(store.path(planned.name, planned.version))
     if store.is_complete(planned.name, planned.version):
@@ -175,13 +184,71 @@ def run_stage(
 
     runtime = cfg.get("runtime", {})
     start = time.monotonic()
+    try:
+        return _write_stage(store, planned, cfg, stage, inputs, runtime, progress, on_wait, path, start,
+                            mapper)
+    except Exception as err:
+        code = _store_errno(err)
+        if code is None or isinstance(err, PipelineError):
+            raise
+        raise StoreWriteFailed(store, planned, err, code) from err
+
+
+# Write failures that are the store's (its disk or its permissions), not the stage's.
+_STORE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _store_errno(err: BaseException) -> int | None:
+    """The errno of a store write failure in ``err`` or its causes. Libraries that write files
+    (torch.save, Arrow, Zarr) often re-raise ENOSPC as their own error with only the message."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _STORE_ERRNOS:
+            return err.errno
+        text = str(err)
+        for code in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+            if os.strerror(code) in text:
+                return code
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class StoreWriteFailed(PipelineError):
+    """A stage could not be written into the store: the disk is full, the store is read-only,
+    or a file is over a size limit. Says where, how much space is left, and what was kept."""
+
+    def __init__(self, store: ArtifactStore, planned: PlannedStage, err: BaseException, code: int):
+        import shutil
+
+        self.errno = code
+        where = getattr(err, "filename", None) or store.root
+        try:
+            free = f"{shutil.disk_usage(store.root).free / 2**20:.1f} MiB free on that file system"
+        except OSError:
+            free = "free space unknown"
+        partial = store.partial_path(planned.name, planned.version)
+        kept = (f"finished shards are kept in {partial} and a rerun resumes from them"
+                if partial.exists() else "nothing of it was kept")
+        what = {errno.EROFS: "the store is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied", errno.EFBIG: "a file is over the size limit"}.get(
+                    code, "the disk is full")
+        super().__init__(
+            f"could not write stage '{planned.name}' ({planned.version}) into {store.root}: {what} "
+            f"({os.strerror(code)} at {where}; {free}). Complete artifacts are untouched and no partial "
+            f"artifact is visible; {kept}. Free space (`partdistill gc` removes stale partial folders) or "
+            f"point --store at a writable location, then rerun.")
+
+
+def _write_stage(store, planned, cfg, stage, inputs, runtime, progress, on_wait, path, start,
+                 mapper=None) -> StageOutcome:
     with store.writer(planned.name, planned.version, planned.config, planned.inputs, planned.code_version,
                       lock_timeout=runtime.get("lock_timeout"), on_wait=on_wait) as writer:
         if writer is None:
             return StageOutcome(planned.name, planned.version, "reused", path,
                                 summary=store.open(planned.name, planned.version).manifest.get("summary", {}))
         ctx = StageContext(planned.stage_name, planned.version, planned.config, dict(cfg), inputs, writer,
-                           progress or NullProgress(), planned.round)
+                           progress or NullProgress(), planned.round, mapper)
         summary = stage.run(ctx) or {}
         writer.commit(cfg, extra={
             "summary": summary,
@@ -198,9 +265,13 @@ def run_pipeline(
     only: str | None = None,
     progress: ProgressSink | None = None,
 ) -> list[StageOutcome]:
-    """Run the selected stages in order in this process (no Prefect)."""
+    """Run the selected stages in order in this process (no Prefect; but with
+    ``runtime.task_runner`` 'dask' or 'ray' the shards of sharded stages run on that cluster as
+    Prefect tasks)."""
     store = store or store_for(cfg)
-    return [run_stage(store, p, cfg, progress) for p in select(plan(cfg), until, only)]
+    selected = select(plan(cfg), until, only)
+    with open_mapper(cfg.get("runtime", {})) as mapper:
+        return [run_stage(store, p, cfg, progress, mapper=mapper) for p in selected]
 
 
 def status(cfg: Mapping[str, Any], store: ArtifactStore) -> list[dict[str, Any]]:
@@ -214,9 +285,8 @@ def status(cfg: Mapping[str, Any], store: ArtifactStore) -> list[dict[str, Any]]
             a = store.open(p.name, p.version)
             row.update(state="complete", bytes=a.bytes, created=a.manifest["created"], files=len(a.files))
         elif p.version in store.partial_versions(p.name):
-            shards = store.partial_path(p.name, p.version) / "_shards"
-            n = len(list(shards.glob("*.json"))) if shards.exists() else 0
-            row.update(state=f"partial ({n} shards done)")
+            done, total = store.partial_progress(p.name, p.version)
+            row.update(state=f"partial ({done}/{total} shards done)" if total else f"partial ({done} shards done)")
         elif not STAGES[p.stage_name].built:
             row.update(state="not built yet")
         elif store.versions(p.name):

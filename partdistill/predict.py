@@ -152,11 +152,14 @@ class Predictor:
     def __init__(self, model: Any, teacher: Any, artifact: Artifact, k: int, device: str = "cpu",
                  instances: Mapping[str, Any] | None = None, label: Mapping[str, Any] | None = None,
                  batch_size: int = 4, description: str = ""):
+        from partdistill.config import max_pixels
+
         self.model, self.teacher, self.artifact, self.k, self.device = model, teacher, artifact, k, device
         merged = artifact.manifest.get("merged_config") or {}
         self.instances = dict(instances or merged["instances"])
         self.label = dict(label or artifact.manifest["config"]["label"])
         self.batch_size = batch_size
+        self.max_pixels = max_pixels(merged)  # larger images are skipped, as the `instances` stage skips them
         self.description = description or f"{artifact.stage}/{artifact.version}"
         spec = json.loads(artifact.file("model.json").read_text())
         self.object_classes = int(spec["num_classes"]) // int(spec["parts_per_class"])
@@ -259,7 +262,7 @@ class Predictor:
 
         for path in map(Path, paths):
             try:
-                pending.append((path, load_rgb(path)))
+                pending.append((path, load_rgb(path, self.max_pixels)))
             except ImageLoadError as err:
                 yield from flush()  # keep the output in input order
                 yield PathPrediction(path, None, err.reason), None

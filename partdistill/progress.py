@@ -92,3 +92,22 @@ class CallbackProgress:
                     outer.callback(description, done, total)
 
             yield _Bar()
+
+
+class TeeProgress:
+    """Shows one progress task on several sinks at once, e.g. the terminal and Prefect's UI."""
+
+    def __init__(self, *sinks: ProgressSink | None):
+        self.sinks = [s for s in sinks if s is not None]
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Bar]:
+        with contextlib.ExitStack() as stack:
+            bars = [stack.enter_context(s.task(description, total)) for s in self.sinks]
+
+            class _Bar:
+                def advance(_self, n: int = 1) -> None:
+                    for bar in bars:
+                        bar.advance(n)
+
+            yield _Bar()

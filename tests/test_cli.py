@@ -60,3 +60,15 @@ def test_partsworld_command(tmp_path):
     assert (out / "preview.png").is_file()
     splits = json.loads((out / "splits.json").read_text())
     assert len(splits["train"]) + len(splits["val"]) == 6
+
+
+def test_bad_input_error_is_named_without_traceback(tmp_path):
+    """A missing teacher checkpoint: exit 1, the error class and the file, no traceback."""
+    missing = tmp_path / "nowhere" / "teacher.pth"
+    result = runner.invoke(app, ["run", str(DEMO_CONFIG), "--until", "teacher", "--engine", "local",
+                                 *_tiny(tmp_path / "s"), "-o", "teacher.source='checkpoint'",
+                                 "-o", f"teacher.checkpoint='{missing}'"])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "CheckpointError" in text and "teacher.pth" in text and "Traceback" not in text
+    assert "complete" in text  # the status table: data was kept

@@ -87,3 +87,24 @@ def test_status_tells_stale_from_missing(tiny_cfg):
     states = {r["stage"]: r["state"] for r in status(changed, store)}
     assert states["data"].startswith("stale (have ") and states["teacher"] == "missing"
     assert {r["stage"] for r in status(changed, store)} >= {"proposals_r1", "proposals_r2", "distill_r1"}
+
+
+def test_status_counts_a_partial_stage_s_shards(tiny_cfg, monkeypatch):
+    """A data stage killed after its first of three shards: status says 1/3."""
+    from partdistill.storage.store import ArtifactWriter
+
+    store = store_for(tiny_cfg)
+    real = ArtifactWriter.complete_shard
+    calls = []
+
+    def dies_on_second(self, shard, files=(), meta=None):
+        calls.append(shard)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(self, shard, files, meta)
+
+    monkeypatch.setattr(ArtifactWriter, "complete_shard", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(tiny_cfg, until="data")
+    states = {r["stage"]: r["state"] for r in status(tiny_cfg, store)}
+    assert states["data"] == "partial (1/3 shards done)"

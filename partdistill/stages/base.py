@@ -5,10 +5,11 @@ Stages import no Prefect, so they run the same from the CLI, from flows, noteboo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from partdistill.parallel import LocalMapper, ShardMapper
 from partdistill.progress import NullProgress, ProgressSink
 from partdistill.storage import Artifact, ArtifactWriter
 
@@ -23,10 +24,35 @@ class StageContext:
     writer: ArtifactWriter          # write files under writer.path; mark shards as they finish
     progress: ProgressSink = field(default_factory=NullProgress)
     round: int | None = None        # 1, 2, ... for a stage run in rounds; None otherwise
+    # where shards run (partdistill.parallel): None runs them here, in order
+    mapper: ShardMapper | None = None
 
     @property
     def runtime(self) -> dict[str, Any]:
         return self.full_config.get("runtime", {})
+
+    @property
+    def shards_in_process(self) -> bool:
+        """Whether :meth:`map_shards` runs shards in this process (not on a cluster)."""
+        return self.mapper is None or bool(getattr(self.mapper, "in_process", False))
+
+    def map_shards(self, fn: Callable[[Any], Any], jobs: Sequence[Any],
+                   names: Sequence[str] | None = None) -> Iterator[tuple[int, Any]]:
+        """``fn(job)`` for every job, in this process or on the cluster ``runtime.task_runner``
+        names; yields (index into ``jobs``, result) as shards finish, in any order. ``fn`` must be
+        a module-level function and the jobs picklable; ``fn`` writes its files under
+        ``writer.path`` and returns what the caller needs to ``writer.complete_shard`` them.
+        ``names`` label the shards (task run names on a cluster). Torch runs with
+        ``runtime.shard_threads`` threads in either place, so the bytes are the same."""
+        mapper = self.mapper or LocalMapper(self.runtime.get("shard_threads", 1))
+        return mapper.map(fn, list(jobs), list(names) if names is not None else None)
+
+    @property
+    def max_pixels(self) -> int:
+        """``data.max_pixels``: pass it to every ``load_rgb`` of the stage."""
+        from partdistill.config import max_pixels
+
+        return max_pixels(self.full_config)
 
 
 @dataclass(frozen=True)

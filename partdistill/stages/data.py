@@ -116,6 +116,7 @@ def _partsworld(ctx: StageContext) -> dict[str, Any]:
     out, writer = ctx.writer.path, ctx.writer
     shards = [range(i, min(i + shard_size, cfg.images)) for i in range(0, cfg.images, shard_size)]
     names = [f"images-{i:05d}" for i in range(len(shards))]
+    writer.plan_shards(names)
 
     with ctx.progress.task("data: rendering Parts World", total=cfg.images) as bar:
         for name, indices in zip(names, shards, strict=True):

@@ -141,5 +141,5 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "clusters_used_per_class": round(float(np.mean([len(v) for v in used.values()])), 2) if used else 0.0}
 
 
-STAGE = Stage("distill", ("data", "teacher", "instances", "proposals", "ranking"), "1", run,
+STAGE = Stage("distill", ("data", "teacher", "instances", "proposals", "ranking"), "2", run,
               summary="final part model", rounds=lambda section: section["rounds"], round_keys=("rounds",))

@@ -88,7 +88,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     def image(name: str) -> np.ndarray:
         if name not in img_cache:
-            img_cache[name] = load_rgb(image_root / name)
+            img_cache[name] = load_rgb(image_root / name, ctx.max_pixels)
         return img_cache[name]
 
     preds: dict[str, dict[str, list[ObjectPrediction]]] = {"gt": {}, "pipeline": {}}
@@ -209,7 +209,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     write_json_atomic(out / "metrics.json", _finite(metrics))
     table = metrics_table(metrics)
     (out / "table.md").write_text(table)
-    pictures = _pictures(out, objects, preds["gt"], image, ctx.inputs["distill"], data.path)
+    pictures = _pictures(out, objects, preds["gt"], image, ctx.inputs["distill"], data.path, ctx.max_pixels)
     _report(out / "report.html", metrics, table, pictures)
     final = metrics["gt"]["PartDistillation"]
     return {"objects": len(objects), "matched": len(matches), "AR@200": _r(final["AR@200"]),
@@ -346,7 +346,7 @@ def _pct(v: float | None) -> str:
 
 
 def _pictures(out: Path, objects, preds: Mapping[str, Sequence[Any]], image, distill,
-              data_dir: Path) -> dict[str, list[str]]:
+              data_dir: Path, max_pixels: int) -> dict[str, list[str]]:
     """Per-class overlays (GT parts | each method) and the purity grids; returns the file names."""
     import pyarrow.parquet as pq
 
@@ -388,7 +388,7 @@ def _pictures(out: Path, objects, preds: Mapping[str, Sequence[Any]], image, dis
     for (cls, cluster), rows in sorted(groups.items()):
         tiles = []
         for r in rows[:9]:
-            img = load_rgb(data_dir / images_of[r["image_id"]])
+            img = load_rgb(data_dir / images_of[r["image_id"]], max_pixels)
             m = rle_to_mask({"size": [r["height"], r["width"]], "counts": r["rle"]})
             tiles.append(_fit(_highlight(img, m), 80))
         while len(tiles) < 9:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from partdistill.parallel import ShardDone, job_artifact, job_inputs, process_cached
 from partdistill.stages.base import Stage, StageContext
 from partdistill.storage import ShardedArrayWriter, open_array, rle_to_mask, write_parquet
 
@@ -37,14 +38,8 @@ INDEX_SCHEMA = pa.schema([
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    import torch
-
-    from partdistill.data.images import load_rgb
-    from partdistill.models.teacher import stack_features
     from partdistill.stages.instances import read_instances
     cfg = ctx.config
-    stride = cfg["stride"]
-    teacher = feature_extractor(cfg, ctx.inputs, ctx.full_config)
     table = read_instances(ctx.inputs["instances"]).to_pylist()
     by_image: dict[int, list[dict]] = {}
     for row in table:
@@ -52,54 +47,25 @@ def run(ctx: StageContext) -> dict[str, Any]:
     image_ids = sorted(by_image)
     shard_size = cfg["shard_images"]
     shards = [image_ids[i:i + shard_size] for i in range(0, len(image_ids), shard_size)]
-    data = ctx.inputs["data"]
     out = ctx.writer.path
     (out / "features").mkdir(exist_ok=True)
     (out / "index").mkdir(exist_ok=True)
-    projection = _projection(cfg, teacher, out)
-    channels = None
+    projection = _projection(cfg, feature_extractor(cfg, ctx.inputs, ctx.full_config), out) \
+        if (cfg.get("reduction") or {}).get("type") else None
 
+    names = [f"shard-{k:05d}" for k in range(len(shards))]
+    ctx.writer.plan_shards(names)
+    todo = [k for k, name in enumerate(names) if not ctx.writer.shard_done(name)]
+    # one job per unfinished shard: it runs here or on a cluster worker (runtime.task_runner)
+    jobs = [{"index": k, "name": names[k], "images": [(j, by_image[j]) for j in shards[k]], "config": cfg,
+             "inputs": job_inputs(ctx.inputs), "full_config": ctx.full_config, "data": job_artifact(ctx.inputs["data"]),
+             "projection": None if projection is None else projection.numpy(), "max_pixels": ctx.max_pixels,
+             "out": str(out)} for k in todo]
     with ctx.progress.task("features: teacher pixel features", total=len(image_ids)) as bar:
-        for k, ids in enumerate(shards):
-            name = f"shard-{k:05d}"
-            if ctx.writer.shard_done(name):
-                bar.advance(len(ids))
-                continue
-            blocks, index = [], []
-            row = 0
-            for i in range(0, len(ids), cfg["batch_size"]):
-                chunk = ids[i:i + cfg["batch_size"]]
-                imgs = [load_rgb(data.path / by_image[j][0]["file_name"]) for j in chunk]
-                for image_id, img, pred in zip(chunk, imgs, teacher.predict(imgs, layers=cfg["layers"]), strict=True):
-                    fmap = stack_features(pred.features, cfg["layers"], stride, cfg["normalize"])  # (C, gh, gw)
-                    if projection is not None:
-                        fmap = torch.einsum("chw,cd->dhw", fmap, projection)
-                    for inst in by_image[image_id]:
-                        crop, meta = instance_grid(fmap, inst, img.shape[:2], pred.inference_size, stride)
-                        blocks.append(crop.reshape(-1, crop.shape[-1]))
-                        index.append({"instance_id": inst["instance_id"], "image_id": image_id, "shard": k,
-                                      "row_start": row, **meta})
-                        row += len(blocks[-1])
-                bar.advance(len(chunk))
-            if not blocks:  # every image of the shard was skipped upstream
-                write_parquet(out / "index" / f"part-{k:05d}.parquet", {c: [] for c in INDEX_SCHEMA.names},
-                              INDEX_SCHEMA)
-                ctx.writer.complete_shard(name, [f"index/part-{k:05d}.parquet"], meta={"rows": 0, "channels": None})
-                continue
-            matrix = np.concatenate(blocks).astype(cfg["dtype"])
-            channels = matrix.shape[1]
-            if not np.isfinite(matrix).all():
-                raise FloatingPointError(f"features of shard {k} (images {ids[0]}..{ids[-1]}) hold NaN or Inf")
-            chunk = 4096
-            array = ShardedArrayWriter(out / "features" / f"{name}.zarr", rows=len(matrix), channels=channels,
-                                       shard_rows=-(-len(matrix) // chunk) * chunk, chunk_rows=chunk,
-                                       dtype=cfg["dtype"])
-            array.write_shard(0, matrix)
-            write_parquet(out / "index" / f"part-{k:05d}.parquet",
-                          {c: [r[c] for r in index] for c in INDEX_SCHEMA.names}, INDEX_SCHEMA)
-            files = [p.relative_to(out).as_posix() for p in (out / "features" / f"{name}.zarr").rglob("*")
-                     if p.is_file()] + [f"index/part-{k:05d}.parquet"]
-            ctx.writer.complete_shard(name, files, meta={"rows": len(matrix), "channels": channels})
+        bar.advance(len(image_ids) - sum(len(shards[k]) for k in todo))
+        for j, done in ctx.map_shards(features_shard, jobs, [f"features-{job['name']}" for job in jobs]):
+            ctx.writer.complete_shard(done.name, done.files, meta=done.meta)
+            bar.advance(len(jobs[j]["images"]))
 
     metas = [ctx.writer.shard_meta(f"shard-{k:05d}") for k in range(len(shards))]
     rows = sum(m["rows"] for m in metas)
@@ -108,6 +74,61 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return {"instances": len(table), "rows": rows, "channels": channels, "feature_bytes": feature_bytes,
             "bytes_per_instance": round(feature_bytes / max(len(table), 1)),
             "raw_bytes_per_instance": round(rows * channels * np.dtype(cfg["dtype"]).itemsize / max(len(table), 1))}
+
+
+def features_shard(job: dict[str, Any]) -> ShardDone:
+    """One shard of `features` (see :func:`run` for the job's keys), here or on a cluster worker:
+    writes ``features/{name}.zarr`` and ``index/part-{k}.parquet`` into the partial folder ``job["out"]``."""
+    from pathlib import Path
+
+    import torch
+
+    from partdistill.data.images import load_rgb
+    from partdistill.models.teacher import stack_features
+
+    cfg, data, k, name = job["config"], job["data"], job["index"], job["name"]
+    stride, out = cfg["stride"], Path(job["out"])
+    teacher = feature_extractor(cfg, job["inputs"], job["full_config"])
+    projection = None if job["projection"] is None else torch.from_numpy(job["projection"])
+    by_image = dict(job["images"])
+    ids = [image_id for image_id, _ in job["images"]]
+    blocks, index, names = [], [], []
+    row = 0
+    for i in range(0, len(ids), cfg["batch_size"]):
+        chunk = ids[i:i + cfg["batch_size"]]
+        imgs = [load_rgb(data.path / by_image[j][0]["file_name"], job["max_pixels"]) for j in chunk]
+        for image_id, img, pred in zip(chunk, imgs, teacher.predict(imgs, layers=cfg["layers"]), strict=True):
+            fmap = stack_features(pred.features, cfg["layers"], stride, cfg["normalize"])  # (C, gh, gw)
+            if projection is not None:
+                fmap = torch.einsum("chw,cd->dhw", fmap, projection)
+            for inst in by_image[image_id]:
+                crop, meta = instance_grid(fmap, inst, img.shape[:2], pred.inference_size, stride)
+                blocks.append(crop.reshape(-1, crop.shape[-1]))
+                names.append(inst["file_name"])
+                index.append({"instance_id": inst["instance_id"], "image_id": image_id, "shard": k,
+                              "row_start": row, **meta})
+                row += len(blocks[-1])
+    if not blocks:  # every image of the shard was skipped upstream
+        write_parquet(out / "index" / f"part-{k:05d}.parquet", {c: [] for c in INDEX_SCHEMA.names}, INDEX_SCHEMA)
+        return ShardDone(name, [f"index/part-{k:05d}.parquet"], {"rows": 0, "channels": None})
+    matrix = np.concatenate(blocks).astype(cfg["dtype"])
+    channels = matrix.shape[1]
+    if not np.isfinite(matrix).all():
+        bad = sorted({str(data.path / n) for n, b in zip(names, blocks, strict=True)
+                      if not np.isfinite(b.astype(cfg["dtype"])).all()})
+        raise FloatingPointError(
+            f"features of {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or Inf as "
+            f"{cfg['dtype']}: check the teacher's weights, or set features.dtype='float32' if values "
+            "overflow float16")
+    chunk = 4096
+    array = ShardedArrayWriter(out / "features" / f"{name}.zarr", rows=len(matrix), channels=channels,
+                               shard_rows=-(-len(matrix) // chunk) * chunk, chunk_rows=chunk, dtype=cfg["dtype"])
+    array.write_shard(0, matrix)
+    write_parquet(out / "index" / f"part-{k:05d}.parquet",
+                  {c: [r[c] for r in index] for c in INDEX_SCHEMA.names}, INDEX_SCHEMA)
+    files = [p.relative_to(out).as_posix() for p in (out / "features" / f"{name}.zarr").rglob("*")
+             if p.is_file()] + [f"index/part-{k:05d}.parquet"]
+    return ShardDone(name, files, {"rows": len(matrix), "channels": channels})
 
 
 def instance_grid(fmap, inst: dict[str, Any], original_size: tuple[int, int], inference_size: tuple[int, int],
@@ -128,14 +149,16 @@ def instance_grid(fmap, inst: dict[str, Any], original_size: tuple[int, int], in
 
 def feature_extractor(features_cfg: dict[str, Any], inputs: dict[str, Any], full_config: dict[str, Any]):
     """The teacher (or classification backbone) that features come from, per the `features` section."""
+    # loaded once per process (runtime.task_runner: once per cluster worker) and shared by the stages
     device = full_config.get("runtime", {}).get("device", "cpu")
     if features_cfg["extractor"] == "teacher":
-        from partdistill.stages.teacher import load_teacher
+        from partdistill.stages.instances import cached_teacher
 
-        return load_teacher(inputs["teacher"], device, full_config["teacher"].get("resize_long_side"))
+        return cached_teacher(inputs["teacher"], device, full_config["teacher"].get("resize_long_side"))
     from partdistill.models.teacher import BackboneFeatures
 
-    return BackboneFeatures(features_cfg["extractor"], device)
+    return process_cached(("backbone", features_cfg["extractor"], device),
+                          lambda: BackboneFeatures(features_cfg["extractor"], device))
 
 
 class FusedFeatures:
@@ -143,10 +166,12 @@ class FusedFeatures:
     For the fused features → mining mode (the paper-scale store would be tens of TB). Computes one
     image at a time and keeps the last image's map, since instances of an image are consecutive."""
 
-    def __init__(self, features_cfg: dict[str, Any], extractor, instances: list[dict[str, Any]], data):
-        from partdistill.data.images import load_rgb
+    def __init__(self, features_cfg: dict[str, Any], extractor, instances: list[dict[str, Any]], data,
+                 max_pixels: int | None = None):
+        from partdistill.data.images import DEFAULT_MAX_PIXELS, load_rgb
 
         self.cfg, self.extractor, self.data, self.load = features_cfg, extractor, data, load_rgb
+        self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
         self.rows = {r["instance_id"]: r for r in instances}
         self._image: tuple[str, Any, tuple[int, int], tuple[int, int]] | None = None
 
@@ -155,7 +180,7 @@ class FusedFeatures:
 
         inst = self.rows[instance_id]
         if self._image is None or self._image[0] != inst["file_name"]:
-            img = self.load(self.data.path / inst["file_name"])
+            img = self.load(self.data.path / inst["file_name"], self.max_pixels)
             [pred] = self.extractor.predict([img], layers=self.cfg["layers"])
             fmap = stack_features(pred.features, self.cfg["layers"], self.cfg["stride"], self.cfg["normalize"])
             self._image = (inst["file_name"], fmap, img.shape[:2], pred.inference_size)
@@ -201,7 +226,7 @@ class FeatureReader:
             arr = self._arrays[r["shard"]] = open_array(self.path / "features" / f"shard-{r['shard']:05d}.zarr")
         n = r["grid_h"] * r["grid_w"]
         block = np.asarray(arr[r["row_start"]:r["row_start"] + n]).astype(np.float32)
-        return block.reshape(r["grid_h"], r["grid_w"], -1), r
+        return block.reshape(r["grid_h"], r["grid_w"], arr.shape[1]), r  # (0, 0, C) for an empty box
 
 
 def instance_mask(row: dict[str, Any]) -> np.ndarray:

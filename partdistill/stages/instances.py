@@ -7,7 +7,8 @@ Writes:
   image_id:int64, instance_id:int64, split:str, file_name:str, class_id:int32, class_name:str,
   score:float32, bbox:list<float32>[4] (x, y, w, h), rle:str (COCO compressed counts), area:int64,
   height:int32, width:int32. Read the folder as one table: ``pyarrow.parquet.read_table(dir)``.
-- ``skipped.parquet``   image_id, file_name, reason: images that could not be read (the stage goes on)
+- ``skipped.parquet``   image_id, file_name, reason: images that could not be read, or have more than
+  ``data.max_pixels`` pixels (the stage goes on)
 - ``images.parquet``    image_id, file_name, split, kept (instances kept), detections (before filtering)
 
 Sources: 'teacher' runs the teacher; 'gt' reads ground-truth object masks (the paper's "GT
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from partdistill.parallel import ShardDone, artifact_key, job_artifact, process_cached
 from partdistill.stages.base import Stage, StageContext
 from partdistill.storage import mask_to_rle, read_parquet, write_parquet
 
@@ -77,30 +79,26 @@ def run(ctx: StageContext) -> dict[str, Any]:
     source = cfg["source"]
     if source not in ("teacher", "gt"):
         raise ValueError(f"instances.source must be 'teacher' or 'gt', got {source!r}")
-    teacher = gt = None
-    if source == "teacher":
-        from partdistill.stages.teacher import load_teacher
-
-        teacher = load_teacher(ctx.inputs["teacher"], ctx.runtime.get("device", "cpu"),
-                               ctx.full_config["teacher"].get("resize_long_side"))
-    else:
-        gt = _GroundTruth(data)
-
     # ImageNet-style folders: classes are the folder names, numbered in sorted order
     folder_classes = {c: i for i, c in enumerate(sorted({im.get("class_name") for im in images} - {None}))}
     shard_size = cfg["shard_images"]
     shards = [images[i:i + shard_size] for i in range(0, len(images), shard_size)]
     (ctx.writer.path / "instances").mkdir(exist_ok=True)
+    names = [f"part-{index:05d}" for index in range(len(shards))]
+    ctx.writer.plan_shards(names)
+    todo = [i for i, name in enumerate(names) if not ctx.writer.shard_done(name)]
+    # one job per unfinished shard: it runs here or on a cluster worker (runtime.task_runner)
+    jobs = [{"name": names[i], "images": shards[i], "config": cfg, "data": job_artifact(data),
+             "teacher": job_artifact(ctx.inputs["teacher"]) if source == "teacher" else None,
+             "device": ctx.runtime.get("device", "cpu"),
+             "resize_long_side": ctx.full_config["teacher"].get("resize_long_side"),
+             "folder_classes": folder_classes, "max_pixels": ctx.max_pixels, "out": str(ctx.writer.path)}
+            for i in todo]
     with ctx.progress.task(f"instances: {source} masks", total=len(images)) as bar:
-        for index, shard in enumerate(shards):
-            name = f"part-{index:05d}"
-            if not ctx.writer.shard_done(name):
-                rows, skipped, per_image = _shard(shard, cfg, teacher, gt, data, folder_classes)
-                write_parquet(ctx.writer.path / "instances" / f"{name}.parquet",
-                              {k: [r[k] for r in rows] for k in SCHEMA.names}, SCHEMA)
-                ctx.writer.complete_shard(name, [f"instances/{name}.parquet"],
-                                          meta={"skipped": skipped, "images": per_image})
-            bar.advance(len(shard))
+        bar.advance(len(images) - sum(len(shards[i]) for i in todo))
+        for j, done in ctx.map_shards(instances_shard, jobs, [f"instances-{job['name']}" for job in jobs]):
+            ctx.writer.complete_shard(done.name, done.files, meta=done.meta)
+            bar.advance(len(jobs[j]["images"]))
 
     metas = [ctx.writer.shard_meta(f"part-{i:05d}") for i in range(len(shards))]
     skipped = [s for m in metas for s in m["skipped"]]
@@ -117,13 +115,45 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "instances_per_image": round(kept / max(len(per_image), 1), 2)}
 
 
-def _shard(shard, cfg, teacher, gt, data, folder_classes):
+def instances_shard(job: dict[str, Any]) -> ShardDone:
+    """One shard of `instances` (see :func:`run` for the job's keys), here or on a cluster worker:
+    writes ``instances/{name}.parquet`` into the partial folder ``job["out"]``."""
+    from pathlib import Path
+
+    cfg, data = job["config"], job["data"]
+    teacher = gt = None
+    if job["teacher"] is not None:
+        teacher = cached_teacher(job["teacher"], job["device"], job["resize_long_side"])
+    else:
+        gt = process_cached(("instances-gt", *artifact_key(data)), lambda: _GroundTruth(data))
+    rows, skipped, per_image = _shard(job["images"], cfg, teacher, gt, data, job["folder_classes"],
+                                      job["max_pixels"])
+    name = job["name"]
+    write_parquet(Path(job["out"]) / "instances" / f"{name}.parquet",
+                  {k: [r[k] for r in rows] for k in SCHEMA.names}, SCHEMA)
+    return ShardDone(name, [f"instances/{name}.parquet"], {"skipped": skipped, "images": per_image})
+
+
+def cached_teacher(artifact, device: str, resize_long_side: int | None):
+    """The teacher of a `teacher` artifact, loaded once per process (instances and features share it)."""
+    from partdistill.stages.teacher import load_teacher, teacher_checkpoint
+
+    try:  # a checkpoint the artifact refers to may be replaced in place: then load it again
+        stat = teacher_checkpoint(artifact).stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        stamp = None  # load_teacher says what is missing
+    return process_cached(("teacher", *artifact_key(artifact), stamp, device, resize_long_side),
+                          lambda: load_teacher(artifact, device, resize_long_side))
+
+
+def _shard(shard, cfg, teacher, gt, data, folder_classes, max_pixels):
     from partdistill.data.images import ImageLoadError, load_rgb
 
     rows, skipped, per_image, loaded = [], [], [], []
     for im in shard:
         try:
-            loaded.append((im, load_rgb(data.path / im["file_name"])))
+            loaded.append((im, load_rgb(data.path / im["file_name"], max_pixels)))
         except ImageLoadError as err:
             skipped.append({"image_id": im["image_id"], "file_name": im["file_name"], "reason": err.reason})
     batch = cfg["batch_size"]
@@ -136,9 +166,15 @@ def _shard(shard, cfg, teacher, gt, data, folder_classes):
         else:
             found = [gt.detections(im) for im, _ in chunk]
         for (im, img), dets in zip(chunk, found, strict=True):
+            h, w = img.shape[:2]
+            sizes = {d.mask.shape for d in dets} - {(h, w)}
+            if sizes:  # ground truth annotated at another size: its masks would not line up
+                (mh, mw), *_ = sizes
+                skipped.append({"image_id": im["image_id"], "file_name": im["file_name"],
+                                "reason": f"image is {h}x{w}, its ground-truth masks are {mh}x{mw}"})
+                continue
             kept = select(dets, cfg["score_threshold"], cfg["topk_per_image"], cfg["min_object_fraction"],
                           im.get("class_name"), cfg["image_class_first"], folder_classes.get(im.get("class_name"), -1))
-            h, w = img.shape[:2]
             for rank, d in enumerate(kept):
                 rle = mask_to_rle(d.mask)
                 ys, xs = np.nonzero(d.mask)
@@ -185,5 +221,15 @@ def read_instances(artifact) -> pa.Table:
     return pq.read_table(artifact.path / "instances")
 
 
-STAGE = Stage("instances", ("data", "teacher"), "1", run, summary="object masks",
+def _relevant(section: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    # data.max_pixels decides which images are skipped; at its default it stays out of the hash, so
+    # versions made before the setting existed are kept
+    from partdistill.config import max_pixels
+    from partdistill.data.images import DEFAULT_MAX_PIXELS
+
+    limit = max_pixels(cfg)
+    return section if limit == DEFAULT_MAX_PIXELS else {**section, "_max_pixels": limit}
+
+
+STAGE = Stage("instances", ("data", "teacher"), "1", run, summary="object masks", relevant=_relevant,
               upstream_for=lambda section, cfg: ("data",) if section["source"] == "gt" else ("data", "teacher"))

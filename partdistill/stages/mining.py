@@ -15,12 +15,14 @@ Reads: `data` (images, for the CRF), `instances` (masks), `features` (grids). Wr
   height:int32, width:int32, crf:bool (whether the CRF refined it). Read the folder as one table:
   ``pyarrow.parquet.read_table(dir)``.
 - ``skipped.parquet``  instance_id:int64, image_id:int64, reason:str: instances that gave no part
-  (empty or tiny mask, no feature cells, every part under ``min_part_area``, unreadable image).
+  (empty or tiny mask, no feature cells, NaN or Inf features, every part under ``min_part_area``,
+  unreadable image).
 
 Instances are processed in instance_id order, in shards of ``shard_instances``; each shard gets a
-completion marker, so a killed run resumes at its first unfinished shard. The CRF runs in
-``runtime.num_workers`` processes: that changes no byte of the output, so it is a runtime setting
-and not part of the version.
+completion marker, so a killed run resumes at its first unfinished shard. Shards run in this
+process or on a Dask / Ray cluster (``runtime.task_runner``, :mod:`partdistill.parallel`); in
+this process the CRF runs in ``runtime.num_workers`` processes, on a cluster in each worker.
+Neither changes a byte of the output, so they are runtime settings and not part of the version.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from partdistill.parallel import ShardDone, artifact_key, job_inputs, process_cached
 from partdistill.stages.base import Stage, StageContext
 from partdistill.storage import mask_to_rle, write_parquet
 
@@ -78,6 +81,9 @@ def skip_reason(mask: np.ndarray, grid: np.ndarray | None, min_part_area: int) -
         return "no features"
     if grid.size == 0:
         return "empty feature grid"
+    if not np.isfinite(grid).all():
+        # K-means would silently put every pixel in one part (torch) or fail inside faiss
+        return "features hold NaN or Inf"
     return None
 
 
@@ -177,9 +183,6 @@ def mine_instances(
 def run(ctx: StageContext) -> dict[str, Any]:
     """Mine every instance, shard by shard (resuming finished shards); returns the summary:
     instance / part / skip counts and the seconds spent reading, in K-means, in the CRF and encoding."""
-    from partdistill.data.images import load_rgb
-    from partdistill.models.crf import make_pool
-    from partdistill.stages.features import FeatureReader
     from partdistill.stages.instances import read_instances
 
     cfg = ctx.config
@@ -189,38 +192,27 @@ def run(ctx: StageContext) -> dict[str, Any]:
     size = int(cfg["shard_instances"])
     # at least one (maybe empty) file, so that readers of the folder always find a table
     shards = [instances[i:i + size] for i in range(0, len(instances), size)] or [[]]
-    data = ctx.inputs["data"]
-    if cfg["fused"]:
-        if (ctx.full_config["features"].get("reduction") or {}).get("type"):
-            raise NotImplementedError("mining.fused with features.reduction is not built: set one or the other")
-        from partdistill.stages.features import FusedFeatures, feature_extractor
-
-        reader = FusedFeatures(ctx.full_config["features"], feature_extractor(ctx.full_config["features"],
-                               ctx.inputs, ctx.full_config), instances, data)
-    else:
-        reader = FeatureReader(ctx.inputs["features"])
-    # instances of one image are consecutive (instance_id = image_id * 1000 + rank): a tiny cache
-    # loads each image once
-    images = functools.lru_cache(maxsize=4)(lambda name: load_rgb(data.path / name))
+    if cfg["fused"] and (ctx.full_config["features"].get("reduction") or {}).get("type"):
+        raise NotImplementedError("mining.fused with features.reduction is not built: set one or the other")
     out = ctx.writer.path
     (out / "mined_parts").mkdir(exist_ok=True)
     use_crf = bool((cfg.get("crf") or {}).get("enabled", False))
-    pool = make_pool(int(ctx.runtime.get("num_workers", 1))) if use_crf else None
+    # In this process the CRF runs in runtime.num_workers processes; on a cluster each worker runs
+    # its shard's CRFs itself (the workers are the parallelism). No byte depends on it.
+    crf_processes = int(ctx.runtime.get("num_workers", 1)) if ctx.shards_in_process else 1
 
-    try:
-        with ctx.progress.task("mining: K-means" + (" + CRF" if use_crf else ""), total=len(instances)) as bar:
-            for index, shard in enumerate(shards):
-                name = f"part-{index:05d}"
-                if not ctx.writer.shard_done(name):
-                    mined = mine_instances(shard, reader.get, images, cfg, pool)
-                    write_parquet(out / "mined_parts" / f"{name}.parquet", mined.table(), SCHEMA)
-                    ctx.writer.complete_shard(name, [f"mined_parts/{name}.parquet"], meta={
-                        "instances": len(shard), "parts": len(mined.rows), "skipped": mined.skipped,
-                        "mined": len({r["instance_id"] for r in mined.rows}), "seconds": mined.seconds})
-                bar.advance(len(shard))
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    names = [f"part-{index:05d}" for index in range(len(shards))]
+    ctx.writer.plan_shards(names)
+    todo = [i for i, name in enumerate(names) if not ctx.writer.shard_done(name)]
+    # one job per unfinished shard: it runs here or on a cluster worker (runtime.task_runner)
+    jobs = [{"name": names[i], "instances": shards[i], "config": cfg, "inputs": job_inputs(ctx.inputs),
+             "features_config": ctx.full_config["features"], "full_config": ctx.full_config,
+             "max_pixels": ctx.max_pixels, "crf_processes": crf_processes, "out": str(out)} for i in todo]
+    with ctx.progress.task("mining: K-means" + (" + CRF" if use_crf else ""), total=len(instances)) as bar:
+        bar.advance(len(instances) - sum(len(shards[i]) for i in todo))
+        for j, done in ctx.map_shards(mining_shard, jobs, [f"mining-{job['name']}" for job in jobs]):
+            ctx.writer.complete_shard(done.name, done.files, meta=done.meta)
+            bar.advance(len(jobs[j]["instances"]))
 
     metas = [ctx.writer.shard_meta(f"part-{i:05d}") for i in range(len(shards))]
     skipped = sorted((s for m in metas for s in m["skipped"]), key=lambda s: s["instance_id"])
@@ -235,6 +227,40 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "skipped_reasons": dict(Counter(s["reason"].split(" (")[0] for s in skipped)), "crf": use_crf,
             "seconds": seconds, "kmeans_seconds_per_instance": round(seconds["kmeans"] / n, 5),
             "crf_seconds_per_instance": round(seconds["crf"] / n, 5)}
+
+
+def mining_shard(job: dict[str, Any]) -> ShardDone:
+    """One shard of `mining` (see :func:`run` for the job's keys), here or on a cluster worker:
+    writes ``mined_parts/{name}.parquet`` into the partial folder ``job["out"]``."""
+    from pathlib import Path
+
+    from partdistill.data.images import load_rgb
+    from partdistill.models.crf import make_pool
+    from partdistill.stages.features import FeatureReader, FusedFeatures, feature_extractor
+
+    cfg, inputs, shard = job["config"], job["inputs"], job["instances"]
+    data = inputs["data"]
+    if cfg["fused"]:
+        reader = FusedFeatures(job["features_config"], feature_extractor(job["features_config"], inputs,
+                               job["full_config"]), shard, data, job["max_pixels"])
+    else:  # its index is read once per process
+        reader = process_cached(("feature-reader", *artifact_key(inputs["features"])),
+                                lambda: FeatureReader(inputs["features"]))
+    # instances of one image are consecutive (instance_id = image_id * 1000 + rank): a tiny cache
+    # loads each image once
+    images = functools.lru_cache(maxsize=4)(lambda name: load_rgb(data.path / name, job["max_pixels"]))
+    use_crf = bool((cfg.get("crf") or {}).get("enabled", False))
+    pool = make_pool(int(job["crf_processes"])) if use_crf and len(shard) > 1 else None
+    try:
+        mined = mine_instances(shard, reader.get, images, cfg, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    name = job["name"]
+    write_parquet(Path(job["out"]) / "mined_parts" / f"{name}.parquet", mined.table(), SCHEMA)
+    return ShardDone(name, [f"mined_parts/{name}.parquet"], {
+        "instances": len(shard), "parts": len(mined.rows), "skipped": mined.skipped,
+        "mined": len({r["instance_id"] for r in mined.rows}), "seconds": mined.seconds})
 
 
 def _upstream(section: dict[str, Any], cfg: Mapping[str, Any]) -> tuple[str, ...]:

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from partdistill.parallel import ShardDone, process_cached
 from partdistill.stages.base import Stage, StageContext
 from partdistill.storage import mask_to_rle, rle_to_mask, write_json_atomic, write_parquet
 
@@ -189,18 +190,19 @@ def proposal_labeller(cfg: Mapping[str, Any]) -> Callable[[Mapping[str, Any], Ma
 
 
 def label_images(model: Any, items: Sequence[Mapping[str, Any]], image_dir: Path, labeller: Callable,
-                 device: str, batch_size: int) -> list[dict[str, Any]]:
+                 device: str, batch_size: int, max_pixels: int | None = None) -> list[dict[str, Any]]:
     """Run the model on a group of images and label their objects. items: per image {file_name,
     image_id, split, instances: [`instances` rows]}; each image's metainfo carries its objects'
     classes (``object_classes``), which a class-conditioned model uses."""
-    from partdistill.data.images import load_rgb
+    from partdistill.data.images import DEFAULT_MAX_PIXELS, load_rgb
     from partdistill.models.part_model import predict_parts
 
+    limit = max_pixels or DEFAULT_MAX_PIXELS
     rows: list[dict[str, Any]] = []
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
         metas = [{"object_classes": sorted({int(i["class_id"]) for i in it["instances"]})} for it in batch]
-        preds = predict_parts(model, [load_rgb(image_dir / it["file_name"]) for it in batch], device, metas)
+        preds = predict_parts(model, [load_rgb(image_dir / it["file_name"], limit) for it in batch], device, metas)
         for it, pred in zip(batch, preds, strict=True):
             objects = [rle_to_mask({"size": [int(r["height"]), int(r["width"])], "counts": r["rle"]})
                        for r in it["instances"]]
@@ -222,7 +224,7 @@ def _train(ctx: StageContext, records: list[dict[str, Any]], work: Path, model_k
     from partdistill.models.part_model import model_config, teacher_init_state
     from partdistill.models.teacher import load_state_dict, register_mmdet
     from partdistill.models.train_parts import has_checkpoint, training_config
-    from partdistill.models.train_teacher import train
+    from partdistill.models.train_teacher import resume_iter, train
     cfg = ctx.config
     register_mmdet()
     teacher = ctx.inputs["teacher"]
@@ -236,12 +238,18 @@ def _train(ctx: StageContext, records: list[dict[str, Any]], work: Path, model_k
     ann = work / "parts.json"
     write_json_atomic(ann, records)
     init = work / "init.pth"
-    fresh: list[str] = []
-    if not has_checkpoint(work / "runner"):
-        model = MODELS.build(mcfg)
-        model.init_weights()
+    fresh_file = work / "fresh_keys.json"  # kept beside the run, so that a resumed run reports them too
+    if not has_checkpoint(work / "runner") or not fresh_file.exists():
+        # the fresh decoder's initial weights come from the section's seed, not from whatever the
+        # process drew before (shards run here or on a cluster: the same bytes either way)
+        with torch.random.fork_rng():
+            torch.manual_seed(int(cfg["seed"]))
+            model = MODELS.build(mcfg)
+            model.init_weights()
         state, fresh = teacher_init_state(model, load_state_dict(init_from))
         torch.save({"state_dict": state}, init)
+        write_json_atomic(fresh_file, fresh)
+    fresh: list[str] = json.loads(fresh_file.read_text())
     device = ctx.runtime.get("device", "cpu")
     opt = cfg["optimizer"]
     gpus = int(ctx.runtime.get("gpus", 1))
@@ -252,41 +260,16 @@ def _train(ctx: StageContext, records: list[dict[str, Any]], work: Path, model_k
         flip=bool(cfg["flip"]), min_part_fraction=cfg["min_part_fraction"], seed=int(cfg["seed"]),
         checkpoint_interval=int(cfg["checkpoint_interval"]), amp=device == "cuda",
         launcher="pytorch" if gpus > 1 else "none")
-    # losses go to a file as they come, so that a resumed run still reports the whole curve
-    log = work / "losses.txt"
-    resumed_from = _last_iter(work / "runner")
-    if resumed_from == 0:
-        log.unlink(missing_ok=True)
-    else:  # keep the iterations the checkpoint covers; later ones are redone
-        log.write_text("".join(log.read_text().splitlines(keepends=True)[:resumed_from]) if log.exists() else "")
-
-    def on_iter(i: int, loss: float) -> None:
-        with log.open("a") as f:
-            f.write(f"{loss}\n")
-        bar.advance(1)
-
+    resumed_from = resume_iter(work / "runner")
     with ctx.progress.task(f"{ctx.stage} r{ctx.round}: training", total=int(cfg["max_iters"])) as bar:
         bar.advance(resumed_from)
         if gpus > 1:
             result = _train_distributed(rcfg, work, gpus)
             bar.advance(int(cfg["max_iters"]) - resumed_from)
         else:
-            result = train(rcfg, on_iter=on_iter, device=device)
-            result["losses"] = [float(v) for v in log.read_text().split()]
+            result = train(rcfg, on_iter=lambda i, loss: bar.advance(1), device=device)
     result.update(model=mcfg, fresh_keys=fresh, resumed_from=resumed_from)
     return result
-
-
-def _last_iter(runner_dir: Path) -> int:
-    """The iteration of the checkpoint a run in ``runner_dir`` would resume from (0: none)."""
-    import re
-
-    from partdistill.models.train_parts import has_checkpoint
-
-    if not has_checkpoint(runner_dir):
-        return 0
-    match = re.search(r"iter_(\d+)\.pth$", (runner_dir / "last_checkpoint").read_text().strip())
-    return int(match.group(1)) if match else 0
 
 
 def _train_distributed(rcfg: Any, work: Path, gpus: int) -> dict[str, Any]:
@@ -397,47 +380,64 @@ def run_round(ctx: StageContext, spec: RoundSpec) -> dict[str, Any]:
     items = [by_image[k] for k in sorted(by_image)]
     size = int(cfg["label"]["shard_images"])
     shards = [items[i:i + size] for i in range(0, len(items), size)]
-    device = ctx.runtime.get("device", "cpu")
-    model = None
     (out / "pseudo").mkdir(exist_ok=True)
+    names = [f"pseudo-{index:05d}" for index in range(len(shards))]
+    ctx.writer.plan_shards(["train", *names])
+    todo = [i for i, name in enumerate(names) if not ctx.writer.shard_done(name)]
+    # one job per unfinished shard: it runs here or on a cluster worker (runtime.task_runner), which
+    # loads this round's model from the partial folder once
+    jobs = [{"name": names[i], "items": shards[i], "image_dir": str(data.path), "labeller": spec.labeller,
+             "schema": spec.schema, "device": ctx.runtime.get("device", "cpu"), "batch_size": int(cfg["batch_size"]),
+             "max_pixels": ctx.max_pixels, "out": str(out)} for i in todo]
     with ctx.progress.task(f"{ctx.stage} r{r}: labelling", total=len(items)) as bar:
-        for index, shard in enumerate(shards):
-            name = f"pseudo-{index:05d}"
-            if not ctx.writer.shard_done(name):
-                model = model or load_part_model(_Local(out), device)
-                rows = label_images(model, shard, data.path, spec.labeller, device, int(cfg["batch_size"]))
-                write_parquet(out / "pseudo" / f"{name}.parquet",
-                              {c: [row[c] for row in rows] for c in spec.schema.names}, spec.schema)
-                ctx.writer.complete_shard(name, [f"pseudo/{name}.parquet"], meta={"parts": len(rows)})
-            bar.advance(len(shard))
+        bar.advance(len(items) - sum(len(shards[i]) for i in todo))
+        for j, done in ctx.map_shards(label_shard, jobs, [f"{ctx.stage}-r{r}-{job['name']}" for job in jobs]):
+            ctx.writer.complete_shard(done.name, done.files, meta=done.meta)
+            bar.advance(len(jobs[j]["items"]))
     tables = [pq.read_table(out / "pseudo" / f"pseudo-{i:05d}.parquet") for i in range(len(shards))]
     table = pa.concat_tables(tables) if tables else spec.schema.empty_table()
     pq.write_table(table, out / spec.output)
     shutil.rmtree(out / "pseudo")
     times["label"] = round(time.monotonic() - start, 1)
 
-    _preview(table, items, data.path, out / spec.output.replace(f"_r{r}.parquet", ".png"))
+    _preview(table, items, data.path, out / spec.output.replace(f"_r{r}.parquet", ".png"), ctx.max_pixels)
     losses = json.loads((out / "losses.json").read_text())
     per_instance = Counter(table.column("instance_id").to_pylist())
     scores = table.column("score").to_numpy() if table.num_rows else np.zeros(0)
     metrics = {
         "round": r,
         "train": {k: train_meta[k] for k in ("images", "parts", "instances_used", "skipped", "skipped_reasons",
-                                              "iters", "resumed_from")},
+                                              "iters")},
         "loss": {"first": round(float(np.mean(losses[:10])), 4) if losses else None,
                  "last": round(_tail_mean(losses), 4) if losses else None},
         "pseudo_parts": {"images": len(items), "instances": len(instances), "instances_with_parts": len(per_instance),
                          "parts": table.num_rows,
                          "parts_per_instance": round(table.num_rows / max(len(per_instance), 1), 2),
                          "mean_score": round(float(scores.mean()), 4) if len(scores) else None},
-        "seconds": times,
     }
+    # Timings and resumption are facts about this run, not about the model: they go in the
+    # manifest's summary, so that a resumed run's files equal an uninterrupted run's byte for byte.
     write_json_atomic(out / "metrics.json", metrics)
     return {"round": r, "train_images": train_meta["images"], "train_parts": train_meta["parts"],
             "skipped_instances": train_meta["skipped"], "iters": train_meta["iters"],
             "final_loss": metrics["loss"]["last"], "pseudo_parts": table.num_rows,
             "parts_per_instance": metrics["pseudo_parts"]["parts_per_instance"],
-            "train_seconds": times["train"], "label_seconds": times["label"]}
+            "train_seconds": times["train"], "label_seconds": times["label"],
+            "resumed_from": train_meta["resumed_from"]}
+
+
+def label_shard(job: dict[str, Any]) -> ShardDone:
+    """One labelling shard of a `proposals` / `distill` round (see :func:`run_round` for the job's
+    keys), here or on a cluster worker: writes ``pseudo/{name}.parquet`` into the partial folder."""
+    out = Path(job["out"])
+    checkpoint = (out / "checkpoint.pth").stat()
+    model = process_cached(("part-model", str(out), checkpoint.st_mtime_ns, checkpoint.st_size, job["device"]),
+                           lambda: load_part_model(_Local(out), job["device"]))
+    rows = label_images(model, job["items"], Path(job["image_dir"]), job["labeller"], job["device"],
+                        job["batch_size"], job["max_pixels"])
+    name, schema = job["name"], job["schema"]
+    write_parquet(out / "pseudo" / f"{name}.parquet", {c: [row[c] for row in rows] for c in schema.names}, schema)
+    return ShardDone(name, [f"pseudo/{name}.parquet"], {"parts": len(rows)})
 
 
 class _Local:
@@ -450,7 +450,8 @@ class _Local:
         return self.path / name
 
 
-def _preview(table: pa.Table, items: Sequence[Mapping[str, Any]], image_dir: Path, path: Path, n: int = 6) -> None:
+def _preview(table: pa.Table, items: Sequence[Mapping[str, Any]], image_dir: Path, path: Path, max_pixels: int,
+             n: int = 6) -> None:
     """A strip of the first ``n`` labelled images with their pseudo-parts."""
     from partdistill.data.images import load_rgb
     from partdistill.evaluation.overlays import grid, parts_overlay, save_png
@@ -461,7 +462,7 @@ def _preview(table: pa.Table, items: Sequence[Mapping[str, Any]], image_dir: Pat
         by_instance[row["instance_id"]].append(row)
     tiles = []
     for it in items[:n]:
-        img = load_rgb(image_dir / it["file_name"])
+        img = load_rgb(image_dir / it["file_name"], max_pixels)
         maps = []
         for inst in it["instances"]:
             labels = np.full(img.shape[:2], -1, np.int32)
@@ -477,5 +478,5 @@ def _rounds(section: dict[str, Any]) -> int:
     return section["rounds"]
 
 
-STAGE = Stage("proposals", ("data", "teacher", "instances", "mining"), "1", run, summary="part decoder",
+STAGE = Stage("proposals", ("data", "teacher", "instances", "mining"), "2", run, summary="part decoder",
               rounds=_rounds, round_keys=("rounds",))

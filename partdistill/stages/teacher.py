@@ -19,6 +19,7 @@ premise check: do trained features group parts better than untrained ones?).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -35,7 +36,7 @@ SOURCES = ("train", "checkpoint", "detectron2", "random")
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from partdistill.models.teacher import Teacher, load_state_dict, register_mmdet
+    from partdistill.models.teacher import CheckpointError, Teacher, register_mmdet
     from partdistill.models.train_teacher import save_checkpoint, train, training_config
 
     cfg = ctx.config
@@ -62,7 +63,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
         tcfg = training_config(mmdet_config, data.path, "instances_train.json", class_names, out / "work",
                                max_iters=t["max_iters"], batch_size=t["batch_size"], lr=t["lr"], seed=t["seed"],
                                image_size=tuple(t["image_size"]), checkpoint_interval=t["checkpoint_interval"])
-        tcfg.dump(str(out / "mmdet_config.py"))
+        # The recorded config names the data artifact by version and the work folder relatively:
+        # the same inputs give the same bytes wherever the store lives.
+        recorded = copy.deepcopy(tcfg)
+        recorded.work_dir = "work"
+        recorded.train_dataloader.dataset.data_root = f"<data artifact {data.version}>"
+        recorded.dump(str(out / "mmdet_config.py"))
         start = time.monotonic()
         with ctx.progress.task("teacher: training", total=t["max_iters"]) as bar:
             result = train(tcfg, on_iter=lambda i, loss: bar.advance(1), device=device)
@@ -88,19 +94,25 @@ def run(ctx: StageContext) -> dict[str, Any]:
         else:
             if not cfg["checkpoint"]:
                 raise ValueError(f"teacher.source={source!r} needs teacher.checkpoint (a file path)")
-            ckpt = resolve_path(cfg["checkpoint"])
+            try:
+                ckpt = resolve_path(cfg["checkpoint"])
+            except FileNotFoundError as err:
+                raise CheckpointError(f"teacher.checkpoint: {err}") from None
             if source == "detectron2":
                 from partdistill.models.convert import convert_checkpoint
 
                 convert_checkpoint(ckpt, out / "checkpoint.pth")
                 record["checkpoint"] = "checkpoint.pth"
             else:
-                load_state_dict(ckpt)  # fail now, naming the file, not after hours of inference
                 record["checkpoint"] = str(ckpt)
                 record["checkpoint_bytes"] = ckpt.stat().st_size
             record["class_names"] = None  # the checkpoint's own classes (from its config)
 
     write_json_atomic(out / "teacher.json", record)
+    if source in ("checkpoint", "detectron2"):
+        # build it as the later stages will: an unreadable checkpoint, or one of another model, fails
+        # now, naming the file and keys, not after hours of inference and not as a committed artifact
+        load_teacher_from(out, record, "cpu", None)
     if source in ("train", "random") and _has_val(data):
         teacher = load_teacher_from(out, record, device, cfg.get("resize_long_side"))
         metrics = evaluate_masks(teacher, data, "val", ctx)
@@ -166,9 +178,10 @@ def evaluate_masks(teacher, data: Artifact, split: str, ctx: StageContext | None
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from partdistill.data.images import load_rgb
+    from partdistill.data.images import DEFAULT_MAX_PIXELS, load_rgb
     from partdistill.storage import mask_to_rle
 
+    limit = ctx.max_pixels if ctx is not None else DEFAULT_MAX_PIXELS
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(data.file(f"instances_{split}.json")))
     image_ids = sorted(gt.getImgIds())
@@ -178,7 +191,7 @@ def evaluate_masks(teacher, data: Artifact, split: str, ctx: StageContext | None
     with progress.task(f"teacher: mask AP on {split}", total=len(image_ids)) as bar:
         for i in range(0, len(image_ids), batch_size):
             ids = image_ids[i:i + batch_size]
-            imgs = [load_rgb(data.path / gt.imgs[j]["file_name"]) for j in ids]
+            imgs = [load_rgb(data.path / gt.imgs[j]["file_name"], limit) for j in ids]
             for image_id, pred in zip(ids, teacher.predict(imgs, layers=()), strict=True):
                 for mask, score, label in zip(pred.masks, pred.scores, pred.labels, strict=True):
                     results.append({"image_id": image_id, "category_id": cat_ids[int(label)],
@@ -226,4 +239,4 @@ def _plot_losses(losses: list[float], path: Path) -> None:
     plt.close(fig)
 
 
-STAGE = Stage("teacher", ("data",), "1", run, fingerprint=fingerprint, summary="instance-segmentation teacher")
+STAGE = Stage("teacher", ("data",), "2", run, fingerprint=fingerprint, summary="instance-segmentation teacher")

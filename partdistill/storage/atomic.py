@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from partdistill.faults import kill_point
+
 _CHUNK = 1 << 20
 
 
@@ -49,6 +51,7 @@ def atomic_path(path: Path | str, durable: bool = False) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        kill_point("atomic-write")
         if durable:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from partdistill.faults import kill_point
 from partdistill.storage.atomic import (
     StoreWriteError,
     canonical_json,
@@ -40,6 +41,7 @@ from partdistill.storage.atomic import (
 
 MANIFEST = "manifest.json"
 SHARDS_DIR = "_shards"
+PLAN = "_plan.json"  # in SHARDS_DIR: the names of every shard the stage will write
 PARTIAL_PREFIX = ".partial-"
 VERSION_CHARS = 16
 
@@ -194,6 +196,7 @@ class ArtifactWriter:
 
     def complete_shard(self, shard: str, files: Iterable[str] = (), meta: Any = None) -> None:
         """Mark a shard finished; ``files`` are its outputs relative to :attr:`path`."""
+        kill_point("shard-marker")
         record = {"files": {}, "meta": meta}
         for name in sorted(files):
             p = self.path / name
@@ -201,9 +204,14 @@ class ArtifactWriter:
         (self.path / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         write_json_atomic(self._marker(shard), record, durable=True)
 
+    def plan_shards(self, names: Iterable[str]) -> None:
+        """Record the shards this stage will write, so that a status view can say "3/5 done"."""
+        (self.path / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path / SHARDS_DIR / PLAN, sorted(names))
+
     def done_shards(self) -> list[str]:
         d = self.path / SHARDS_DIR
-        return sorted(p.stem for p in d.glob("*.json")) if d.exists() else []
+        return sorted(p.stem for p in d.glob("*.json") if p.name != PLAN) if d.exists() else []
 
     def commit(
         self, full_config: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None
@@ -234,6 +242,7 @@ class ArtifactWriter:
             **dict(extra or {}),
         }
         write_json_atomic(root / MANIFEST, manifest, durable=True)
+        kill_point("commit")
         final = self.store.path(self.stage, self.version)
         try:
             os.rename(root, final)
@@ -292,6 +301,18 @@ class ArtifactStore:
         found = [p.name for p in d.iterdir() if not p.name.startswith(".") and self.is_complete(stage, p.name)]
         return sorted(found, key=lambda v: self.open(stage, v).manifest["created"])
 
+    def partial_progress(self, stage: str, version: str) -> tuple[int, int | None]:
+        """(shards done, shards planned or None) of a partial artifact."""
+        d = self.partial_path(stage, version) / SHARDS_DIR
+        if not d.exists():
+            return 0, None
+        done = sum(1 for p in d.glob("*.json") if p.name != PLAN)
+        try:
+            planned = len(json.loads((d / PLAN).read_text()))
+        except (OSError, json.JSONDecodeError):
+            planned = None
+        return done, planned
+
     def partial_versions(self, stage: str) -> list[str]:
         d = self.root / stage
         if not d.exists():
@@ -319,6 +340,52 @@ class ArtifactStore:
             lock_timeout,
             on_wait,
         )
+
+    # --- garbage collection -----------------------------------------------------------------
+    def gc(self, older_than: float = 0.0, keep: set[tuple[str, str]] | None = None,
+           dry_run: bool = False) -> list[GcItem]:
+        """Remove partial folders that no run is writing (their lock is free) and that are at
+        least ``older_than`` seconds old; with ``keep`` (a set of (stage, version)), also remove
+        complete versions not in it. A partial folder is what a killed run resumes from, so it
+        is only garbage once you will not rerun that version."""
+        items: list[GcItem] = []
+        now = time.time()
+        for stage in self.stages():
+            for version in self.partial_versions(stage):
+                path = self.partial_path(stage, version)
+                lock = _FileLock(self.lock_path(stage, version), timeout=0)
+                try:
+                    lock.acquire()
+                except LockTimeout as err:
+                    items.append(GcItem(path, _tree_bytes(path), "kept", f"in use: {err}"))
+                    continue
+                try:
+                    age = now - max((p.stat().st_mtime for p in [path, *path.rglob("*")]), default=now)
+                    if age < older_than:
+                        items.append(GcItem(path, _tree_bytes(path), "kept",
+                                            f"modified {age / 3600:.1f} h ago (< --older-than)"))
+                        continue
+                    size = _tree_bytes(path)
+                    if not dry_run:
+                        shutil.rmtree(path)
+                    items.append(GcItem(path, size, "would remove" if dry_run else "removed",
+                                        "partial artifact no run is writing"))
+                finally:
+                    lock.release()
+            if keep is not None:
+                for version in self.versions(stage):
+                    if (stage, version) in keep:
+                        continue
+                    path = self.path(stage, version)
+                    size = _tree_bytes(path)
+                    if not dry_run:
+                        # rename first: a reader sees the whole artifact or none of it
+                        doomed = path.with_name(f".gc-{version}")
+                        os.rename(path, doomed)
+                        shutil.rmtree(doomed)
+                    items.append(GcItem(path, size, "would remove" if dry_run else "removed",
+                                        "complete version no given config uses"))
+        return items
 
     # --- integrity -------------------------------------------------------------------------
     def verify(self, stage: str | None = None, version: str | None = None) -> list[Problem]:
@@ -353,6 +420,20 @@ class ArtifactStore:
                 if p.is_file() and rel != MANIFEST and rel not in listed:
                     problems.append(Problem(s, v, "extra", rel))
         return problems
+
+
+@dataclass(frozen=True)
+class GcItem:
+    """One thing :meth:`ArtifactStore.gc` removed (or would remove, in a dry run) or kept."""
+
+    path: Path
+    bytes: int
+    action: str  # "removed" | "would remove" | "kept"
+    reason: str
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 class _WriterSession:

@@ -91,3 +91,31 @@ def test_refine_many_is_ordered_and_process_independent():
     finally:
         pool.shutdown()
     assert make_pool(1) is None
+
+
+def test_pool_workers_die_with_a_killed_parent():
+    """A mining run killed with SIGKILL must not leave its CRF workers waiting forever."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import os, sys; from partdistill.models.crf import make_pool\n"
+            "pool = make_pool(2); list(pool.map(abs, range(4)))\n"
+            "print(*[p.pid for p in pool._processes.values()], flush=True)\n"
+            "os.kill(os.getpid(), 9)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids), "pool workers outlived their killed parent"

@@ -193,3 +193,46 @@ def test_lock_is_released_when_holder_is_killed(tmp_path):
         assert w is not None
     assert time.monotonic() - t0 < 5
     assert Path(store.lock_path("s", "v1")).exists()
+
+
+def _leave_partial(store, stage, version, shard="part-00000"):
+    """What a killed run leaves: a partial folder with one finished shard."""
+    with pytest.raises(RuntimeError), store.writer(stage, version, {}, {}, "1") as w:
+        (w.path / "x.bin").write_bytes(b"shard output")
+        w.complete_shard(shard, ["x.bin"])
+        raise RuntimeError("killed")
+    assert store.partial_versions(stage) == [version]
+
+
+def test_gc_removes_stale_partials_only(tmp_path):
+    from partdistill.storage.store import _FileLock
+
+    store = ArtifactStore(tmp_path)
+    kept = _write(store, "s")
+    _leave_partial(store, "s", "dead")
+    _leave_partial(store, "t", "busy")
+    busy = _FileLock(store.lock_path("t", "busy"), timeout=0)
+    busy.acquire()  # another run is writing t/busy
+    try:
+        dry = store.gc(dry_run=True)
+        assert {(i.path.name, i.action) for i in dry} == {(".partial-dead", "would remove"), (".partial-busy", "kept")}
+        assert store.partial_versions("s") == ["dead"]
+        fresh = store.gc(older_than=3600)
+        assert {i.action for i in fresh} == {"kept"} and store.partial_versions("s") == ["dead"]
+        items = store.gc()
+    finally:
+        busy.release()
+    removed = [i for i in items if i.action == "removed"]
+    assert [i.path.name for i in removed] == [".partial-dead"] and removed[0].bytes > 0
+    assert store.partial_versions("s") == [] and store.partial_versions("t") == ["busy"]
+    assert store.versions("s") == [kept.version] and store.verify() == []
+
+
+def test_gc_keep_removes_complete_versions_no_config_uses(tmp_path):
+    store = ArtifactStore(tmp_path)
+    a = _write(store, "s", config={"k": 1})
+    b = _write(store, "s", config={"k": 2})
+    items = store.gc(keep={("s", a.version)})
+    assert [(i.path.name, i.action) for i in items] == [(b.version, "removed")]
+    assert store.versions("s") == [a.version] and store.verify() == []
+    assert not any(p.name.startswith(".gc-") for p in (tmp_path / "s").iterdir())
