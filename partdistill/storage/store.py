@@ -41,7 +41,7 @@ from partdistill.storage.atomic import (
 
 MANIFEST = "manifest.json"
 SHARDS_DIR = "_shards"
-PLAN = "_plan.json"  # in SHARDS_DIR: the names of every shard the stage will write
+PLAN = "_plan"  # in SHARDS_DIR (not *.json, which are the markers): the names of every shard the stage will write
 PARTIAL_PREFIX = ".partial-"
 VERSION_CHARS = 16
 
