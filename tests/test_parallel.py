@@ -54,11 +54,11 @@ def test_bad_runtime_settings_fail_before_any_work():
         plan(load_config(DEMO_CONFIG, {"runtime.task_runner": "spark"}))
 
 
-def test_ray_without_prefect_ray_says_how_to_install_it():
+def test_ray_without_prefect_ray_says_how_to_install_it(monkeypatch):
     import importlib.util
 
-    if importlib.util.find_spec("prefect_ray") is not None:
-        pytest.skip("prefect-ray is installed")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prefect_ray" else real(name, *a))
     with pytest.raises(ValueError, match="pip install prefect-ray"):
         open_mapper({"task_runner": "ray"})
     with pytest.raises(PipelineError, match="pip install prefect-ray"):
@@ -153,6 +153,42 @@ def test_dask_workers_write_the_same_artifacts(tiny_run, tmp_path):
     assert {r.state.name for r in runs} == {"Completed"}
 
 
+@pytest.mark.slow
+def test_ray_workers_write_the_same_artifacts(tiny_run, tmp_path):
+    """instances, features and mining (with its CRF) as Prefect tasks on a local Ray cluster of 2
+    worker processes, through the plain loop: every file has the same sha256 as in this process."""
+    pytest.importorskip("prefect_ray", reason="runtime.task_runner='ray' needs prefect-ray (pip install -e '.[ray]')")
+    from datetime import UTC, datetime
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
+
+    cfg, store, _ = tiny_run
+    cfg = copy.deepcopy(cfg)
+    cfg["instances"]["source"] = "gt"
+    cfg["mining"]["shard_instances"] = PROPOSALS["mining.shard_instances"]
+    local = {o.stage: o for o in run_pipeline(cfg, store, until="mining")}
+
+    other = _linked_store(tmp_path, store, ("data", "teacher"))
+    ray_cfg = copy.deepcopy(cfg)
+    ray_cfg["runtime"].update(task_runner="ray", workers=2)
+    started = datetime.now(UTC)
+    theirs = {o.stage: o for o in run_pipeline(ray_cfg, other, until="mining")}
+    for name in ("instances", "features", "mining"):
+        assert theirs[name].state == "computed", name
+        assert theirs[name].version == local[name].version, f"{name}: runtime settings changed the version"
+        _same_files(name, local[name].version, store, other)
+
+    # every shard was a Prefect task run on a Ray worker process, not run by this process
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=started)))
+    names = {r.name for r in runs if r.state.name == "Completed"}
+    mining_shards = -(-local["mining"].summary["instances"] // PROPOSALS["mining.shard_instances"])
+    assert mining_shards > 1
+    assert {f"features-shard-{i:05d}" for i in range(3)} <= names
+    assert {f"mining-part-{i:05d}" for i in range(mining_shards)} <= names
+
+
 def test_shard_done_is_picklable():
     import pickle
 
@@ -175,12 +211,13 @@ def _flaky(job):
 
 
 @pytest.mark.slow
-def test_cluster_shards_retry_then_fail_with_the_shards_error(tmp_path):
-    """On a Dask cluster: a failing shard is retried (runtime.shard_retries) and then its error
-    reaches the stage; results come back as (index, result) pairs."""
-    pytest.importorskip("prefect_dask")
+@pytest.mark.parametrize("kind", ["dask", "ray"])
+def test_cluster_shards_retry_then_fail_with_the_shards_error(tmp_path, kind):
+    """On a Dask or Ray cluster: a failing shard is retried (runtime.shard_retries) and then its
+    error reaches the stage; results come back as (index, result) pairs."""
+    pytest.importorskip(f"prefect_{kind}", reason=f"runtime.task_runner={kind!r} needs prefect-{kind}")
     jobs = [{"folder": str(tmp_path), "index": i} for i in range(3)]
-    runtime = {"task_runner": "dask", "workers": 1, "shard_retries": 1, "shard_retry_delay_seconds": [0]}
+    runtime = {"task_runner": kind, "workers": 1, "shard_retries": 1, "shard_retry_delay_seconds": [0]}
     with open_mapper(runtime) as mapper:
         assert not mapper.in_process
         done = dict(mapper.map(_flaky, jobs[:2], ["flaky-0", "flaky-1"]))
