@@ -83,6 +83,7 @@ class LocalServer:
     log_path: Path
     startup_timeout: float = 300.0
     process: subprocess.Popen | None = field(default=None, init=False)
+    pid: int | None = field(default=None, init=False)  # leads the server's process group; kept after stop
 
     @property
     def api_url(self) -> str:
@@ -102,6 +103,7 @@ class LocalServer:
             self.process = subprocess.Popen(
                 [*_prefect_command(), "server", "start", "--host", HOST, "--port", str(self.port)],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.pid = self.process.pid
         deadline = time.monotonic() + self.startup_timeout
         while not api_healthy(self.api_url, timeout=2.0):
             if self.process.poll() is not None:
@@ -116,18 +118,66 @@ class LocalServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
+        _stop_group(proc, timeout)
+
+
+def _stop_group(proc: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM to the process group ``proc`` leads, then SIGKILL if it has not exited in ``timeout`` s."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)  # the group this server leads (start_new_session)
+        except ProcessLookupError:
             return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class _BoundedInterrupt:
+    """Ctrl+C stops serving within about ``grace`` seconds, whatever Prefect's runner does on shutdown.
+
+    The first SIGINT raises KeyboardInterrupt, as Python's own handler does, so that Prefect's
+    runner and then the server started here shut down cleanly, and it starts a timer. If the
+    shutdown has not finished when the timer fires, or at a second Ctrl+C, the servers started
+    here are killed and the process exits with 130. Without this, a runner waiting on a busy
+    server kept the process, and the server it started, alive for minutes."""
+
+    def __init__(self, grace: float, servers: list[LocalServer], echo: Callable[[str], None]):
+        self.grace, self.servers, self.echo = grace, servers, echo
+        self.timer: threading.Timer | None = None
+        self.previous = None
+
+    def __enter__(self) -> _BoundedInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:  # the clean shutdown finished in time
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.timer is not None:
+            self._force_exit("at a second Ctrl+C")
+        self.timer = threading.Timer(self.grace, self._force_exit, args=(f"{self.grace:.0f} s after Ctrl+C",))
+        self.timer.daemon = True
+        self.timer.start()
+        raise KeyboardInterrupt
+
+    def _force_exit(self, why: str) -> None:
+        self.echo(f"serving had not stopped {why}; killing the server started here and exiting")
+        for server in self.servers:
             try:
-                os.killpg(proc.pid, sig)  # the group this server leads (start_new_session)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+                os.killpg(server.pid, signal.SIGKILL)
+            except (ProcessLookupError, TypeError):
+                pass
+        os._exit(130)
 
 
 def _tail(path: Path, n: int = 20) -> str:
@@ -206,8 +256,10 @@ def serve(
     limit: int | None = 1,
     echo: Callable[[str], None] = print,
     startup_timeout: float = 300.0,
+    shutdown_grace: float = 20.0,
 ) -> None:
-    """Serve the pipeline's deployments until interrupted (Ctrl+C or SIGTERM); see the module doc."""
+    """Serve the pipeline's deployments until interrupted (Ctrl+C or SIGTERM); see the module doc.
+    Ctrl+C ends it within ``shutdown_grace`` seconds."""
     import prefect
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -216,7 +268,9 @@ def serve(
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     config = str(Path(config).resolve())
     store = str(Path(store).resolve()) if store is not None else None
+    started: list[LocalServer] = []
     with ExitStack() as stack:
+        stack.enter_context(_BoundedInterrupt(shutdown_grace, started, echo))
         configured = _configured_api_url()
         own = f"http://{HOST}:{port}/api"
         if configured and api_healthy(configured):
@@ -232,6 +286,7 @@ def serve(
                 start = time.monotonic()
                 server = LocalServer(port, log, startup_timeout)
                 stack.callback(server.stop)
+                started.append(server)
                 server.start()
                 api_url = server.api_url
                 origin = f"a Prefect server started here in {time.monotonic() - start:.0f} s, stopped on exit"
@@ -253,4 +308,5 @@ def serve(
             echo(f"  {line}")
         echo(f"{'at most ' + str(limit) if limit else 'any number of'} run(s) at a time; Ctrl+C stops serving"
              + (" and the server started here" if "started here" in origin else ""))
-        prefect.serve(*deployments, limit=limit, print_starting_message=False)
+        # the deployments have no schedules: nothing to pause on shutdown (13 API calls saved)
+        prefect.serve(*deployments, limit=limit, print_starting_message=False, pause_on_shutdown=False)

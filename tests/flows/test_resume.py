@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from partdistill.config import load_config
 from partdistill.stages import STAGES
 from partdistill.storage import ArtifactStore
 from partdistill.storage.store import ArtifactWriter
@@ -51,8 +52,11 @@ def _created(store: ArtifactStore) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_failed_stage_then_rerun_runs_only_it_and_downstream(tmp_path, monkeypatch, counted):
+@pytest.mark.parametrize("rerun", ["flow", "only"])
+def test_failed_stage_then_rerun_runs_only_it_and_downstream(tmp_path, monkeypatch, counted, rerun):
+    """The rerun is the whole flow again, or ``--only features`` and then the whole flow."""
     from partdistill.flows.pipeline import pipeline_flow
+    from partdistill.pipeline import status
 
     store = ArtifactStore(tmp_path / "store")
     args = dict(config=str(DEMO_CONFIG), until="mining", store=str(store.root), cfg_options=OPTIONS)
@@ -67,18 +71,28 @@ def test_failed_stage_then_rerun_runs_only_it_and_downstream(tmp_path, monkeypat
     assert sorted(p.stem for p in shards.glob("*.json")) == ["shard-00000"]
     before = _created(store)
     assert set(before) == {"data", "teacher", "instances"} and store.verify() == []
+    cfg = load_config(DEMO_CONFIG, OPTIONS)
+    states = {r["stage"]: r["state"] for r in status(cfg, store)}
+    assert states["instances"] == "complete" and states["features"] == "partial (1/3 shards done)"
+    assert states["mining"] == "missing"
 
+    if rerun == "only":
+        alone = pipeline_flow(**{**args, "until": None}, only="features", return_state=True)
+        assert alone.is_completed() and _task_states(alone) == {"features": "Completed"}
+        assert counted["features"] == 2 and "mining" not in counted
     second = pipeline_flow(**args, return_state=True)
     assert second.is_completed()
     assert _task_states(second) == {"data": "Cached", "teacher": "Cached", "instances": "Cached",
-                                    "features": "Completed", "mining": "Completed"}
+                                    "features": "Cached" if rerun == "only" else "Completed",
+                                    "mining": "Completed"}
     after = _created(store)
     assert {s: after[s] for s in before} == before  # finished artifacts untouched
     assert counted == {"data": 1, "teacher": 1, "instances": 1, "features": 2, "mining": 1}
     # the resumed features run started at its first unfinished shard: no shard was done twice
     assert fault["completed"] == ["shard-00000", "shard-00001", "shard-00002"]
     outcome = {o["stage"]: o for o in second.result()}["features"]
-    assert outcome["state"] == "computed" and store.is_complete("features", version)
+    assert outcome["state"] == ("skipped" if rerun == "only" else "computed")
+    assert store.is_complete("features", version)
     assert store.verify() == []
 
 

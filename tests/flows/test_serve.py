@@ -144,3 +144,36 @@ def test_serve_runs_a_stage_deployment_started_through_the_api(tmp_path):
     with pytest.raises(httpx.HTTPError):  # the server serve started is gone
         httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2)
     assert time.monotonic() - start < 90
+
+
+_HUNG_RUNNER = """
+import os, signal, sys, time
+from partdistill.flows.serve import _BoundedInterrupt
+with _BoundedInterrupt(float(sys.argv[1]), [], lambda m: print(m, flush=True)):
+    print("serving", flush=True)
+    try:
+        time.sleep(30)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        if sys.argv[2] == "hang":  # a runner whose shutdown never ends
+            time.sleep(30)
+time.sleep(float(sys.argv[1]) + 1)  # after a clean shutdown the timer must not fire
+print("clean exit", flush=True)
+"""
+
+
+@pytest.mark.parametrize("shutdown", ["hang", "clean"])
+def test_ctrl_c_ends_serving_within_the_grace_period(shutdown):
+    """A runner that never finishes shutting down is ended 1 s after Ctrl+C with exit code 130;
+    one that shuts down cleanly exits normally, and the timer does not fire afterwards."""
+    proc = subprocess.Popen([sys.executable, "-c", _HUNG_RUNNER, "1", shutdown], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "serving"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=20)
+    assert out.splitlines()[0] == "interrupted"
+    if shutdown == "hang":
+        assert proc.returncode == 130 and "serving had not stopped 1 s after Ctrl+C" in out
+        assert time.monotonic() - start < 10
+    else:
+        assert proc.returncode == 0 and out.splitlines()[-1] == "clean exit" and "had not stopped" not in out
