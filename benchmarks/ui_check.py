@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -134,99 +135,86 @@ def ui_checks(ui: str, flow_run: dict, deployment: str, stages: list[str], shots
     start = time.monotonic()
     driver = browser(tempfile.mkdtemp(prefix="ui-check-chromium-"))
     check(True, f"chromium: headless browser started in {time.monotonic() - start:.1f} s")
-    try:
-        # the deployments page lists ours; click the deployment run here
+
+    def step(what: str, shot: str, body: Callable[[], str], missing: Callable[[], str] = lambda: "") -> bool:
+        """Run one page check: ``body`` waits for the page and says what it saw; then a screenshot."""
         t = time.monotonic()
+        try:
+            seen = body()
+        except TimeoutError as err:
+            driver.save_screenshot(str(shots / shot))
+            return check(False, f"{what}: {err}{missing()}")
+        driver.save_screenshot(str(shots / shot))
+        return check(True, f"{what}: {seen} ({time.monotonic() - t:.1f} s) -> {shots / shot}")
+
+    found: dict[str, Any] = {}
+
+    def deployments_page() -> str:
+        # the deployments page lists ours
         driver.get(f"{ui}/deployments")
-        try:
-            wait_for(lambda: "pipeline" in body_text(driver) and link(driver, deployment, "/deployments/deployment/"),
-                     60, what="the deployments list")
-            driver.save_screenshot(str(shots / "deployments.png"))
-            check(True, f"ui deployments page: lists partdistill/pipeline and partdistill/{deployment} "
-                        f"({time.monotonic() - t:.1f} s) -> {shots / 'deployments.png'}")
-        except TimeoutError as err:
-            driver.save_screenshot(str(shots / "deployments.png"))
-            check(False, f"ui deployments page: {err}")
-            return
+        found["deployment"] = wait_for(lambda: "pipeline" in body_text(driver)
+                                       and link(driver, deployment, "/deployments/deployment/"),
+                                       60, what="the deployments list")
+        return f"lists partdistill/pipeline and partdistill/{deployment}"
 
-        # open the deployment; its runs list has the completed run: open it
-        t = time.monotonic()
-        link(driver, deployment, "/deployments/deployment/").click()
-        try:
-            run_link = wait_for(lambda: link(driver, flow_run["name"], f"/runs/flow-run/{flow_run['id']}"), 60,
+    def deployment_page() -> str:
+        # open the deployment; its runs list has the completed run
+        found["deployment"].click()
+        found["run"] = wait_for(lambda: link(driver, flow_run["name"], f"/runs/flow-run/{flow_run['id']}"), 60,
                                 what=f"flow run {flow_run['name']} in the deployment's runs")
-            wait_for(lambda: "Completed" in body_text(driver), 20, what="its Completed state")
-            driver.save_screenshot(str(shots / "deployment.png"))
-            check(True, f"ui deployment page: partdistill/{deployment} lists run '{flow_run['name']}' Completed "
-                        f"({time.monotonic() - t:.1f} s) -> {shots / 'deployment.png'}")
-        except TimeoutError as err:
-            driver.save_screenshot(str(shots / "deployment.png"))
-            check(False, f"ui deployment page: {err}")
-            return
+        wait_for(lambda: "Completed" in body_text(driver), 20, what="its Completed state")
+        return f"partdistill/{deployment} lists run '{flow_run['name']}' Completed"
 
-        t = time.monotonic()
-        run_link.click()
-        try:
-            wait_for(lambda: f"/runs/flow-run/{flow_run['id']}" in driver.current_url
-                     and "Completed" in body_text(driver)
-                     and all(s in body_text(driver) for s in stages), 60,
-                     what="the flow run page with its state and task runs")
-            driver.save_screenshot(str(shots / "flow_run.png"))
-            check(True, f"ui flow run page: '{flow_run['name']}' Completed, task runs {', '.join(stages)} in its "
-                        f"logs ({time.monotonic() - t:.1f} s) -> {shots / 'flow_run.png'}")
-        except TimeoutError as err:
-            driver.save_screenshot(str(shots / "flow_run.png"))
-            check(False, f"ui flow run page: {err}")
-            return
+    def flow_run_page() -> str:
+        found["run"].click()
+        wait_for(lambda: f"/runs/flow-run/{flow_run['id']}" in driver.current_url
+                 and "Completed" in body_text(driver)
+                 and all(s in body_text(driver) for s in stages), 60,
+                 what="the flow run page with its state and task runs")
+        return f"'{flow_run['name']}' Completed, task runs {', '.join(stages)} in its logs"
 
+    expected = [f"{s}-{what}" for s in stages for what in ("summary", "metrics", "progress")]
+
+    def artifacts_tab() -> str:
         # its Artifacts tab lists the stages' keyed artifacts
-        t = time.monotonic()
-        expected = [f"{s}-{what}" for s in stages for what in ("summary", "metrics", "progress")]
-        try:
-            artifacts_tab = wait_for(lambda: tab(driver, "Artifacts"), 20, what="the Artifacts tab")
-            artifacts_tab.click()
-            wait_for(lambda: all(k in body_text(driver) for k in expected), 60,
-                     what=f"artifacts {', '.join(expected)} on the tab")
-            driver.execute_script("arguments[0].scrollIntoView()", artifacts_tab)  # the cards, in the picture
-            time.sleep(1)
-            driver.save_screenshot(str(shots / "flow_run_artifacts.png"))
-            check(True, f"ui flow run Artifacts tab: shows {len(expected)} keyed artifacts ({', '.join(expected)}) "
-                        f"({time.monotonic() - t:.1f} s) -> {shots / 'flow_run_artifacts.png'}")
-        except TimeoutError as err:
-            driver.save_screenshot(str(shots / "flow_run_artifacts.png"))
-            missing = [k for k in expected if k not in body_text(driver)]
-            check(False, f"ui flow run Artifacts tab: {err}; missing {missing}")
+        tab_el = wait_for(lambda: tab(driver, "Artifacts"), 20, what="the Artifacts tab")
+        tab_el.click()
+        wait_for(lambda: all(k in body_text(driver) for k in expected), 60,
+                 what=f"artifacts {', '.join(expected)} on the tab")
+        driver.execute_script("arguments[0].scrollIntoView()", tab_el)  # the cards, in the picture
+        time.sleep(1)
+        return f"shows {len(expected)} keyed artifacts ({', '.join(expected)})"
 
+    def artifacts_page() -> str:
         # the artifacts page: every key, latest first
-        t = time.monotonic()
         driver.get(f"{ui}/artifacts")
-        try:
-            wait_for(lambda: all(f"/artifacts/key/{k}" in driver.page_source for k in expected), 60,
-                     what="every key on the artifacts page")
-            driver.save_screenshot(str(shots / "artifacts.png"))
-            check(True, f"ui artifacts page: links to /artifacts/key/<key> for all {len(expected)} keys "
-                        f"({time.monotonic() - t:.1f} s) -> {shots / 'artifacts.png'}")
-        except TimeoutError as err:
-            driver.save_screenshot(str(shots / "artifacts.png"))
-            check(False, f"ui artifacts page: {err}")
+        wait_for(lambda: all(f"/artifacts/key/{k}" in driver.page_source for k in expected), 60,
+                 what="every key on the artifacts page")
+        return f"links to /artifacts/key/<key> for all {len(expected)} keys"
 
+    def artifact_page(key: str, words: list[str]) -> Callable[[], str]:
+        def body() -> str:
+            driver.get(f"{ui}/artifacts/artifact/{flow_run['artifacts'][key]}")
+            wait_for(lambda: all(w in body_text(driver) for w in words) and flow_run["name"] in body_text(driver),
+                     60, what=f"{key}'s content")
+            time.sleep(1)
+            return f"shows {words} and the run"
+        return body
+
+    try:
+        # each page is reached from the one before; the first failure of those ends the walk
+        for what, shot, body in (("ui deployments page", "deployments.png", deployments_page),
+                                 ("ui deployment page", "deployment.png", deployment_page),
+                                 ("ui flow run page", "flow_run.png", flow_run_page)):
+            if not step(what, shot, body):
+                return
+        step("ui flow run Artifacts tab", "flow_run_artifacts.png", artifacts_tab,
+             lambda: f"; missing {[k for k in expected if k not in body_text(driver)]}")
+        step("ui artifacts page", "artifacts.png", artifacts_page)
         # a metrics table and a progress artifact, as the UI draws them
         for key, shot, words in ((f"{stages[-1]}-metrics", "artifact_metrics.png", ["metric", "value"]),
                                  (f"{stages[0]}-progress", "artifact_progress.png", ["Progress: 100%"])):
-            t = time.monotonic()
-            artifact_id = flow_run["artifacts"][key]
-            driver.get(f"{ui}/artifacts/artifact/{artifact_id}")
-            try:
-                wait_for(lambda words=words: all(w in body_text(driver) for w in words)
-                         and flow_run["name"] in body_text(driver),
-                         60, what=f"{key}'s content")
-                time.sleep(1)
-                driver.save_screenshot(str(shots / shot))
-                check(True, f"ui artifact page {key}: shows {words} and the run ({time.monotonic() - t:.1f} s) "
-                            f"-> {shots / shot}")
-            except TimeoutError as err:
-                driver.save_screenshot(str(shots / shot))
-                check(False, f"ui artifact page {key}: {err}")
+            step(f"ui artifact page {key}", shot, artifact_page(key, words))
     finally:
         driver.quit()
 

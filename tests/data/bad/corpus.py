@@ -410,23 +410,33 @@ def _skip(bench: Bench, stage: str, version: str, key: str, value: int, lost: li
     return None
 
 
-def _instances_outcome(bench: Bench, cfg: dict[str, Any], path: Path) -> Outcome:
-    """Run up to `instances`; the case image's skip there, else what it loaded as."""
+def _stage_outcome(bench: Bench, cfg: dict[str, Any], stage: str, table: str, key: str, case_id: int,
+                   describe: Callable[[list[dict]], str]) -> Outcome:
+    """Run up to ``stage``: the error, else the case row's recorded skip, else ``describe`` of the
+    case's rows in the artifact's ``table``."""
     import pyarrow.parquet as pq
 
+    outcomes, error, lost = bench.run(cfg, stage)
+    if error is not None:
+        return _error(error, lost)
+    art = bench.store.open(stage, outcomes[stage].version)
+    skip = _skip(bench, stage, art.version, key, case_id, lost)
+    if skip is not None:
+        return skip
+    rows = [r for r in pq.read_table(art.path / table).to_pylist() if r[key] == case_id]
+    return Outcome("ok", describe(rows), "", lost)
+
+
+def _instances_outcome(bench: Bench, cfg: dict[str, Any], path: Path) -> Outcome:
+    """Run up to `instances`; the case image's skip there, else what it loaded as."""
     from partdistill.config import max_pixels
     from partdistill.data.images import load_rgb
 
-    outcomes, error, lost = bench.run(cfg, "instances")
-    if error is not None:
-        return _error(error, lost)
-    art = bench.store.open("instances", outcomes["instances"].version)
-    skip = _skip(bench, "instances", art.version, "image_id", CASE_IMAGE_ID, lost)
-    if skip is not None:
-        return skip
-    img = load_rgb(path, max_pixels(cfg))
-    rows = [r for r in pq.read_table(art.path / "instances").to_pylist() if r["image_id"] == CASE_IMAGE_ID]
-    return Outcome("ok", f"loads as {img.dtype} {tuple(img.shape)}; {len(rows)} object(s) kept", "", lost)
+    def loaded(rows: list[dict]) -> str:
+        img = load_rgb(path, max_pixels(cfg))
+        return f"loads as {img.dtype} {tuple(img.shape)}; {len(rows)} object(s) kept"
+
+    return _stage_outcome(bench, cfg, "instances", "instances", "image_id", CASE_IMAGE_ID, loaded)
 
 
 def feed_image(bench: Bench, path: Path, **options: Any) -> Outcome:
@@ -455,17 +465,8 @@ def feed_image_limited(bench: Bench, path: Path) -> Outcome:
 
 def _mining_outcome(bench: Bench, cfg: dict[str, Any]) -> Outcome:
     """Run up to `mining`; the case object's skip in `mining`, else its parts."""
-    import pyarrow.parquet as pq
-
-    outcomes, error, lost = bench.run(cfg, "mining")
-    if error is not None:
-        return _error(error, lost)
-    art = bench.store.open("mining", outcomes["mining"].version)
-    skip = _skip(bench, "mining", art.version, "instance_id", CASE_INSTANCE_ID, lost)
-    if skip is not None:
-        return skip
-    parts = [r for r in pq.read_table(art.path / "mined_parts").to_pylist() if r["instance_id"] == CASE_INSTANCE_ID]
-    return Outcome("ok", f"mined {len(parts)} part(s)", "", lost)
+    return _stage_outcome(bench, cfg, "mining", "mined_parts", "instance_id", CASE_INSTANCE_ID,
+                          lambda rows: f"mined {len(rows)} part(s)")
 
 
 def _feed_mask(bench: Bench, path: Path, mask: np.ndarray) -> Outcome:
