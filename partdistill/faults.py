@@ -10,7 +10,10 @@ environment variable ``PARTDISTILL_KILL_AT`` set, the process SIGKILLs itself at
     PARTDISTILL_KILL_AT=commit:1           after the manifest is written, before the rename
     PARTDISTILL_KILL_AT=checkpoint-save:2  half-way through writing the 2nd training checkpoint
 
-Unset (always, outside the suite) a kill point costs one dictionary lookup.
+With ``PARTDISTILL_KILL_ONCE=FILE`` as well, the kill happens once across processes: the first
+process to reach the point creates FILE and dies, and later ones (a rerun in a new process, as a
+deployment started again from the UI is) pass. Unset (always, outside the suite) a kill point
+costs one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import signal
 
 ENV = "PARTDISTILL_KILL_AT"
+ONCE_ENV = "PARTDISTILL_KILL_ONCE"
 POINTS = ("atomic-write", "shard-marker", "commit", "checkpoint-save")
 
 _hits: dict[str, int] = {}
@@ -41,7 +45,15 @@ def hit(point: str) -> bool:
     if at is None:
         return False
     _hits[point] = _hits.get(point, 0) + 1
-    return _hits[point] == at
+    if _hits[point] != at:
+        return False
+    once = os.environ.get(ONCE_ENV)
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # the first process to get here
+        except FileExistsError:
+            return False
+    return True
 
 
 def kill_point(point: str) -> None:
