@@ -152,6 +152,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides on top of the tiny run, e.g. proposals.max_iters=100")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="thread-determinism-"))
     shutil.rmtree(work, ignore_errors=True)
@@ -159,7 +161,12 @@ def main() -> int:
     start = time.monotonic()
     print(f"reference: the fault suite's tiny run, in this process with {torch.get_num_threads()} torch "
           f"thread(s) ({os.cpu_count()} cores)", flush=True)
-    cfg, reference, _ = build_base(work / "base")
+    from partdistill.config import parse_options
+
+    overrides = parse_options(args.set)
+    if overrides:
+        print(f"overrides: {overrides}", flush=True)
+    cfg, reference, _ = build_base(work / "base", overrides=overrides)
     from partdistill.storage import ArtifactStore
 
     base_store = ArtifactStore(work / "base")

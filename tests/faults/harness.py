@@ -46,8 +46,8 @@ OPTIONS = {**TINY_DISTILL, "mining.crf.enabled": True, "proposals.checkpoint_int
 TRAINING = ("teacher", "proposals_r1", "distill_r1")
 
 
-def config(store: Path) -> dict[str, Any]:
-    cfg = load_config(DEMO_CONFIG, OPTIONS)
+def config(store: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    cfg = load_config(DEMO_CONFIG, {**OPTIONS, **(overrides or {})})
     cfg["runtime"]["store"] = str(store)
     return cfg
 
@@ -56,11 +56,11 @@ def stage_names(cfg: dict[str, Any]) -> list[str]:
     return [p.name for p in plan(cfg)]
 
 
-def build_base(root: Path, until: str | None = None
+def build_base(root: Path, until: str | None = None, overrides: dict[str, Any] | None = None
                ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, float]]:
     """The uninterrupted run: every stage (up to ``until``) once, in this process. Returns the
     config, each stage's manifest ``files`` (path → sha256, bytes) and its seconds."""
-    cfg = config(root)
+    cfg = config(root, overrides)
     store = ArtifactStore(root)
     outcomes = run_pipeline(cfg, store, until=until)
     return (cfg, {o.stage: store.open(o.stage, o.version).manifest["files"] for o in outcomes},
