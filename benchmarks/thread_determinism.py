@@ -192,7 +192,8 @@ def main() -> int:
             print(f"{stage} threads={threads}{' ' + note if note else ''}: {len(differing)} file(s) differ "
                   f"({seconds:.0f} s)", flush=True)
     print()
-    print("| stage | threads asked | torch threads | s | file that differs from the reference | how |")
+    print("| stage | process threads asked | torch threads of the process | s "
+          "| file that differs from the reference | how |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

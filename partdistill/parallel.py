@@ -112,11 +112,13 @@ def check_runtime(runtime: Mapping[str, Any]) -> str:
 
         if importlib.util.find_spec("prefect_ray") is None:
             raise ValueError(RAY_MISSING)
-    workers, threads = runtime.get("workers", 1), runtime.get("shard_threads", 1)
+    workers = runtime.get("workers", 1)
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"runtime.workers must be an int >= 1, got {workers!r}")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 0):
-        raise ValueError(f"runtime.shard_threads must be an int >= 0 (0: leave torch's setting), got {threads!r}")
+    for key in ("shard_threads", "train_threads"):
+        threads = runtime.get(key, 0)
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 0):
+            raise ValueError(f"runtime.{key} must be an int >= 0 (0: leave torch's setting), got {threads!r}")
     return kind
 
 

@@ -24,7 +24,8 @@ def test_runtime_scale_out_settings_change_no_version():
     before = [p.version for p in plan(load_config(DEMO_CONFIG))]
     after = [p.version for p in plan(load_config(DEMO_CONFIG, {
         "runtime.task_runner": "dask", "runtime.workers": 64, "runtime.cluster_address": "tcp://10.0.0.1:8786",
-        "runtime.cluster_kwargs": {"memory_limit": "8GiB"}, "runtime.shard_threads": 4, "runtime.shard_retries": 5,
+        "runtime.cluster_kwargs": {"memory_limit": "8GiB"}, "runtime.shard_threads": 4, "runtime.train_threads": 3,
+        "runtime.shard_retries": 5,
         "runtime.shard_retry_delay_seconds": [1, 2, 3]}))]
     assert before == after
 
@@ -50,6 +51,8 @@ def test_bad_runtime_settings_fail_before_any_work():
         check_runtime({"task_runner": "spark"})
     with pytest.raises(ValueError, match="workers must be an int >= 1"):
         check_runtime({"task_runner": "dask", "workers": 0})
+    with pytest.raises(ValueError, match="runtime.train_threads must be an int >= 0"):
+        check_runtime({"train_threads": -1})
     with pytest.raises(PipelineError, match="task_runner must be one of"):  # the CLI's config error
         plan(load_config(DEMO_CONFIG, {"runtime.task_runner": "spark"}))
 
@@ -225,3 +228,18 @@ def test_cluster_shards_retry_then_fail_with_the_shards_error(tmp_path, kind):
         with pytest.raises(ValueError, match="bad shard 2"):
             list(mapper.map(_flaky, jobs[2:], ["flaky-2"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0-1", "1-1", "1-2", "2-1", "2-2"]
+
+
+def test_training_threads_pins_torch_threads_and_restores_them():
+    import torch
+
+    from partdistill.stages.base import StageContext
+
+    before = torch.get_num_threads()
+    pinned = 1 if before != 1 else 2
+    ctx = StageContext("proposals", "v", {}, {"runtime": {"train_threads": pinned}}, {}, writer=None)
+    with ctx.training_threads():
+        assert torch.get_num_threads() == pinned
+    assert torch.get_num_threads() == before
+    with StageContext("proposals", "v", {}, {"runtime": {}}, {}, writer=None).training_threads():
+        assert torch.get_num_threads() == before  # 0 / unset: torch's own count

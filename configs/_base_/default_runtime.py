@@ -13,6 +13,8 @@ runtime = dict(
     cluster_kwargs=None,  # extra arguments for the local dask.distributed.LocalCluster, e.g. dict(memory_limit='8GiB')
     shard_threads=1,      # torch threads while a shard runs, here and in workers alike (0: leave as is);
                           # float sums depend on the thread count, so equal settings give equal bytes
+    train_threads=0,      # torch threads while a stage trains in this process (0: torch's default, the
+                          # core count); pin it for the same trained bytes on machines of other core counts
     shard_retries=2,      # retries of a failed shard task on a cluster
     shard_retry_delay_seconds=[10, 60],  # delay before each retry (the last one repeats)
 )

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from partdistill.parallel import LocalMapper, ShardMapper
+from partdistill.parallel import LocalMapper, ShardMapper, shard_threads
 from partdistill.progress import NullProgress, ProgressSink
 from partdistill.storage import Artifact, ArtifactWriter
 
@@ -46,6 +46,13 @@ class StageContext:
         ``runtime.shard_threads`` threads in either place, so the bytes are the same."""
         mapper = self.mapper or LocalMapper(self.runtime.get("shard_threads", 1))
         return mapper.map(fn, list(jobs), list(names) if names is not None else None)
+
+    def training_threads(self):
+        """A context in which training runs with ``runtime.train_threads`` torch threads (0, the
+        default: torch's own count, the core count). A gradient summed over another number of
+        threads is rounded differently, so pin it to get the same bytes on machines with other
+        core counts (see BENCHMARKS.md, "Determinism")."""
+        return shard_threads(self.runtime.get("train_threads", 0))
 
     @property
     def max_pixels(self) -> int:

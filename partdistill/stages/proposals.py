@@ -267,7 +267,8 @@ def _train(ctx: StageContext, records: list[dict[str, Any]], work: Path, model_k
             result = _train_distributed(rcfg, work, gpus)
             bar.advance(int(cfg["max_iters"]) - resumed_from)
         else:
-            result = train(rcfg, on_iter=lambda i, loss: bar.advance(1), device=device)
+            with ctx.training_threads():
+                result = train(rcfg, on_iter=lambda i, loss: bar.advance(1), device=device)
     result.update(model=mcfg, fresh_keys=fresh, resumed_from=resumed_from)
     return result
 

@@ -70,7 +70,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         recorded.train_dataloader.dataset.data_root = f"<data artifact {data.version}>"
         recorded.dump(str(out / "mmdet_config.py"))
         start = time.monotonic()
-        with ctx.progress.task("teacher: training", total=t["max_iters"]) as bar:
+        with ctx.progress.task("teacher: training", total=t["max_iters"]) as bar, ctx.training_threads():
             result = train(tcfg, on_iter=lambda i, loss: bar.advance(1), device=device)
         summary.update(train_seconds=round(time.monotonic() - start, 1), iters=result["iters"],
                        final_loss=round(_tail_mean(result["losses"]), 3))
