@@ -32,7 +32,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.faults.harness import TRAINING, build_base, linked_inputs  # noqa: E402
+from tests.faults.harness import TRAINING, build_base, differing_files, linked_inputs  # noqa: E402
 
 
 def numbers(obj: Any, prefix: str = "") -> dict[str, float]:
@@ -181,8 +181,7 @@ def main() -> int:
             folder, used, seconds = run_stage(work / "base", work / "run", cfg, stage, threads)
             files = ArtifactStore(folder.parents[1]).open(stage, folder.name).manifest["files"]
             want = reference[stage]
-            differing = sorted(n for n in set(files) | set(want)
-                               if (files.get(n) or {}).get("sha256") != (want.get(n) or {}).get("sha256"))
+            differing = differing_files(files, want)
             label = f"{threads}" + (" (control: the reference's count)" if note else "")
             if not differing:
                 rows.append((stage, label, used, f"{seconds:.0f}", "none: byte-identical", ""))

@@ -62,8 +62,9 @@ class ShardMapper(Protocol):
 
 
 @contextlib.contextmanager
-def shard_threads(threads: int | None):
-    """Run the block with ``threads`` torch intra-op threads (0 or None: unchanged)."""
+def torch_threads(threads: int | None):
+    """Run the block with ``threads`` torch intra-op threads (0 or None: unchanged): shards
+    (``runtime.shard_threads``) and training (``runtime.train_threads``)."""
     if not threads:
         yield
         return
@@ -79,7 +80,7 @@ def shard_threads(threads: int | None):
 
 def run_shard(fn: Callable[[Any], Any], job: Any, threads: int | None) -> Any:
     """One shard, as every mapper runs it (same thread setting in this process and in workers)."""
-    with shard_threads(threads):
+    with torch_threads(threads):
         return fn(job)
 
 

@@ -84,6 +84,18 @@ def test_job_artifact_keeps_what_a_shard_reads(tiny_run):
     assert light.file("images.parquet") == data.file("images.parquet")
 
 
+def _with(cfg, options):
+    """A copy of ``cfg`` with dotted-key ``options`` set."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in options.items():
+        section, *rest = key.split(".")
+        node = cfg[section]
+        for part in rest[:-1]:
+            node = node[part]
+        node[rest[-1]] = value
+    return cfg
+
+
 def _same_files(name, version, store, other):
     ours = store.open(name, version).manifest["files"]
     theirs = other.open(name, version).manifest["files"]
@@ -104,13 +116,7 @@ def test_dask_workers_write_the_same_artifacts(tiny_run, tmp_path):
     from partdistill.flows.pipeline import pipeline_flow
 
     cfg, store, _ = tiny_run
-    cfg = copy.deepcopy(cfg)
-    for key, value in PROPOSALS.items():
-        section, *rest = key.split(".")
-        node = cfg[section]
-        for part in rest[:-1]:
-            node = node[part]
-        node[rest[-1]] = value
+    cfg = _with(cfg, PROPOSALS)
     local = {o.stage: o for o in run_pipeline(cfg, store, until="mining")}
 
     # the same config on the cluster, in a store that shares only data and the teacher
@@ -143,8 +149,7 @@ def test_dask_workers_write_the_same_artifacts(tiny_run, tmp_path):
 
     torch.manual_seed(1)
     [mine] = run_pipeline(cfg, store, only="proposals_r1")
-    cluster_cfg = copy.deepcopy(cfg)
-    cluster_cfg["runtime"].update(task_runner="dask", workers=2)
+    cluster_cfg = _with(cfg, {"runtime.task_runner": "dask", "runtime.workers": 2})
     torch.manual_seed(2)
     [theirs] = run_pipeline(cluster_cfg, other, only="proposals_r1")
     assert mine.state == theirs.state == "computed" and mine.version == theirs.version
@@ -167,14 +172,11 @@ def test_ray_workers_write_the_same_artifacts(tiny_run, tmp_path):
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
 
     cfg, store, _ = tiny_run
-    cfg = copy.deepcopy(cfg)
-    cfg["instances"]["source"] = "gt"
-    cfg["mining"]["shard_instances"] = PROPOSALS["mining.shard_instances"]
+    cfg = _with(cfg, {"instances.source": "gt", "mining.shard_instances": PROPOSALS["mining.shard_instances"]})
     local = {o.stage: o for o in run_pipeline(cfg, store, until="mining")}
 
     other = _linked_store(tmp_path, store, ("data", "teacher"))
-    ray_cfg = copy.deepcopy(cfg)
-    ray_cfg["runtime"].update(task_runner="ray", workers=2)
+    ray_cfg = _with(cfg, {"runtime.task_runner": "ray", "runtime.workers": 2})
     started = datetime.now(UTC)
     theirs = {o.stage: o for o in run_pipeline(ray_cfg, other, until="mining")}
     for name in ("instances", "features", "mining"):

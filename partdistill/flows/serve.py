@@ -18,6 +18,7 @@ Runs execute in subprocesses of the serving process, at most ``limit`` at a time
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -83,7 +84,6 @@ class LocalServer:
     log_path: Path
     startup_timeout: float = 300.0
     process: subprocess.Popen | None = field(default=None, init=False)
-    pid: int | None = field(default=None, init=False)  # leads the server's process group; kept after stop
 
     @property
     def api_url(self) -> str:
@@ -103,7 +103,6 @@ class LocalServer:
             self.process = subprocess.Popen(
                 [*_prefect_command(), "server", "start", "--host", HOST, "--port", str(self.port)],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            self.pid = self.process.pid
         deadline = time.monotonic() + self.startup_timeout
         while not api_healthy(self.api_url, timeout=2.0):
             if self.process.poll() is not None:
@@ -117,24 +116,21 @@ class LocalServer:
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        proc, self.process = self.process, None
-        _stop_group(proc, timeout)
-
-
-def _stop_group(proc: subprocess.Popen | None, timeout: float) -> None:
-    """SIGTERM to the process group ``proc`` leads, then SIGKILL if it has not exited in ``timeout`` s."""
-    if proc is None or proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)  # the group this server leads (start_new_session)
-        except ProcessLookupError:
+        """SIGTERM to the server's process group, then SIGKILL if it has not exited in ``timeout`` s.
+        Stopping a stopped server does nothing."""
+        proc = self.process
+        if proc is None or proc.poll() is not None:
             return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(proc.pid, sig)  # the group this server leads (start_new_session)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
 
 
 class _BoundedInterrupt:
@@ -173,10 +169,9 @@ class _BoundedInterrupt:
     def _force_exit(self, why: str) -> None:
         self.echo(f"serving had not stopped {why}; killing the server started here and exiting")
         for server in self.servers:
-            try:
-                os.killpg(server.pid, signal.SIGKILL)
-            except (ProcessLookupError, TypeError):
-                pass
+            if server.process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server.process.pid, signal.SIGKILL)
         os._exit(130)
 
 

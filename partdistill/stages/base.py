@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from partdistill.parallel import LocalMapper, ShardMapper, shard_threads
+from partdistill.parallel import LocalMapper, ShardMapper, torch_threads
 from partdistill.progress import NullProgress, ProgressSink
 from partdistill.storage import Artifact, ArtifactWriter
 
@@ -52,7 +52,7 @@ class StageContext:
         default: torch's own count, the core count). A gradient summed over another number of
         threads is rounded differently, so pin it to get the same bytes on machines with other
         core counts (see BENCHMARKS.md, "Determinism")."""
-        return shard_threads(self.runtime.get("train_threads", 0))
+        return torch_threads(self.runtime.get("train_threads", 0))
 
     @property
     def max_pixels(self) -> int:

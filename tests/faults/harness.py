@@ -67,6 +67,12 @@ def build_base(root: Path, until: str | None = None, overrides: dict[str, Any] |
             {o.stage: o.seconds for o in outcomes})
 
 
+def differing_files(files: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    """The files whose sha256 differs between two manifests' ``files`` (or that only one has)."""
+    return sorted(n for n in set(files) | set(want)
+                  if (files.get(n) or {}).get("sha256") != (want.get(n) or {}).get("sha256"))
+
+
 def linked_inputs(base: Path, dest: Path, stage: str) -> None:
     """A new store holding every base artifact but ``stage``'s, as hard links (read-only use)."""
     for d in sorted(p for p in base.iterdir() if p.is_dir() and p.name != stage):
@@ -170,10 +176,7 @@ def kill_once(base: Path, work: Path, cfg: dict[str, Any], reference: dict[str, 
         result.partial_after_kill = "nothing"
 
     run_pipeline(run_cfg, store, only=stage)  # the rerun: resumes what the killed run left
-    files = store.open(stage, version).manifest["files"]
-    want = reference[stage]
-    result.differing = sorted(n for n in set(files) | set(want)
-                              if (files.get(n) or {}).get("sha256") != (want.get(n) or {}).get("sha256"))
+    result.differing = differing_files(store.open(stage, version).manifest["files"], reference[stage])
     result.visible_problems += [str(p) for p in store.verify(stage)]
     if not result.killed:
         result.outcome = "not reached"
