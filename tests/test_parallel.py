@@ -2,6 +2,7 @@
 the same bytes as in this process, and the runtime settings that choose it change no version."""
 
 import copy
+import os
 
 import pytest
 
@@ -223,9 +224,13 @@ def test_cluster_shards_retry_then_fail_with_the_shards_error(tmp_path, kind):
     pytest.importorskip(f"prefect_{kind}", reason=f"runtime.task_runner={kind!r} needs prefect-{kind}")
     jobs = [{"folder": str(tmp_path), "index": i} for i in range(3)]
     runtime = {"task_runner": kind, "workers": 1, "shard_retries": 1, "shard_retry_delay_seconds": [0]}
+    environ = dict(os.environ)
     with open_mapper(runtime) as mapper:
         assert not mapper.in_process
         done = dict(mapper.map(_flaky, jobs[:2], ["flaky-0", "flaky-1"]))
+        # the cluster's start left this process's environment (OMP_NUM_THREADS, ...) as it was
+        assert {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} == {
+            k: environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
         assert done == {0: 0, 1: 10}
         with pytest.raises(ValueError, match="bad shard 2"):
             list(mapper.map(_flaky, jobs[2:], ["flaky-2"]))

@@ -19,6 +19,7 @@ driver and the workers.
 
 from __future__ import annotations
 
+import os
 import queue
 from collections.abc import Mapping
 from typing import Any
@@ -95,6 +96,7 @@ class PrefectShardMapper:
         self.delays = [float(d) for d in (delays if isinstance(delays, (list, tuple)) else [delays])] or [0.0]
         self.in_flight = 4 * int(self.runtime.get("workers", 2) or 2)
         self._runner = None
+        self._environ: dict[str, str | None] = {}
 
     def __enter__(self) -> PrefectShardMapper:
         return self
@@ -106,11 +108,14 @@ class PrefectShardMapper:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             runner.__exit__(None, None, None)
+            _restore_environ(self._environ)
 
     def runner(self):
         """The started task runner (the cluster starts, or is connected to, on first use)."""
         if self._runner is None:
             runner = make_task_runner(self.runtime)
+            # what a Dask nanny will overwrite here when the (lazily started) cluster spawns workers
+            self._environ = {k: os.environ.get(k) for k in _spawn_environ_keys(self.kind)}
             runner.__enter__()
             self._runner = runner
         return self._runner
@@ -138,6 +143,11 @@ class PrefectShardMapper:
                 submit(i)
                 if len(pending) >= self.in_flight:
                     break
+            # A Dask nanny sets OMP_NUM_THREADS=1 etc. in *this* process's environment before it
+            # spawns a worker (the first submit starts the cluster). Undo it, or every later
+            # subprocess of the driver (torchrun's training processes, say) would run
+            # single-threaded and train other bytes.
+            _restore_environ(self._environ)
             while pending:
                 future = done.get()
                 i = pending.pop(future)
@@ -149,6 +159,23 @@ class PrefectShardMapper:
         finally:
             for future in pending:  # a failed shard (or a failed driver) stops what is still queued
                 _cancel(future)
+
+
+def _spawn_environ_keys(kind: str) -> list[str]:
+    """The variables a local cluster's process spawner writes into the driver's environment."""
+    if kind != "dask":
+        return []
+    import dask
+
+    return list(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+
+
+def _restore_environ(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _cancel(future: Any) -> None:
