@@ -50,7 +50,7 @@ from partdistill.evaluation.metrics import average_recall, mask_iou
 from partdistill.evaluation.mined import instance_label_maps, match_instances, object_label_maps, rgb_label_maps
 from partdistill.evaluation.overlays import grid, parts_overlay, save_png
 from partdistill.evaluation.premise import GTObject, load_gt_objects
-from partdistill.models.part_model import predict_parts
+from partdistill.models.part_model import predict_objects
 from partdistill.pipeline import plan, store_for
 from partdistill.stages.instances import read_instances
 from partdistill.stages.proposals import load_part_model
@@ -62,7 +62,6 @@ FOUND_TOP, FOUND_IOU = 10, 0.5
 MASK_THRESHOLD = 0.5     # a query's pixels: probability above this
 PICTURE_SCORE = 0.3      # queries shown in the picture: score above this
 PICTURE_IMAGES = 4
-BATCH = 8
 
 
 def open_artifacts(cfg: Mapping[str, Any], store: ArtifactStore, command: str) -> dict[str, Artifact]:
@@ -118,7 +117,7 @@ def argmax_label_map(probs: np.ndarray, scores: np.ndarray, mask: np.ndarray) ->
 
 def model_proposals(model: Any, objects: Sequence[GTObject], image_dir: Path, device: str,
                     pictured: set[str]) -> tuple[list[list[np.ndarray]], dict[int, np.ndarray]]:
-    """Run a round's model once per val image. Returns per GT object its proposals (bool, cropped
+    """Run a round's model on each val image (or object crop). Returns per GT object its proposals (bool, cropped
     to the object's box: binarised, clipped, non-empty, best score first) and, for the objects of
     the ``pictured`` images, their argmax label maps (object index → int16 (H, W))."""
     by_image: dict[str, list[int]] = {}
@@ -127,23 +126,21 @@ def model_proposals(model: Any, objects: Sequence[GTObject], image_dir: Path, de
     names = sorted(by_image)
     proposals: list[list[np.ndarray]] = [[] for _ in objects]
     pictures: dict[int, np.ndarray] = {}
-    for start in range(0, len(names), BATCH):
-        batch = names[start:start + BATCH]
+    for name in names:
+        idx = by_image[name]
         with torch.inference_mode():
-            preds = predict_parts(model, [load_rgb(image_dir / n) for n in batch], device)
-        for name, pred in zip(batch, preds, strict=True):
-            probs = pred["masks"]
-            binary = (probs > MASK_THRESHOLD).cpu().numpy()
+            # a model trained on object crops runs on each object's crop, one without once per image
+            preds = predict_objects(model, load_rgb(image_dir / name), [objects[i].mask for i in idx], device)
+        for i, pred in zip(idx, preds, strict=True):
+            o = objects[i]
+            binary = (pred["masks"] > MASK_THRESHOLD).cpu().numpy()
             scores = pred["scores"].float().cpu().numpy()
-            probs = probs.float().cpu().numpy() if name in pictured else None
-            for i in by_image[name]:
-                o = objects[i]
-                ys, xs = box(o.mask)
-                clipped = binary[:, ys, xs] & o.mask[ys, xs]
-                keep = np.nonzero(clipped.any((1, 2)))[0]
-                proposals[i] = list(clipped[keep[np.argsort(-scores[keep], kind="stable")]])
-                if probs is not None:
-                    pictures[i] = argmax_label_map(probs, scores, o.mask)
+            ys, xs = box(o.mask)
+            clipped = binary[:, ys, xs] & o.mask[ys, xs]
+            keep = np.nonzero(clipped.any((1, 2)))[0]
+            proposals[i] = list(clipped[keep[np.argsort(-scores[keep], kind="stable")]])
+            if name in pictured:
+                pictures[i] = argmax_label_map(pred["masks"].float().cpu().numpy(), scores, o.mask)
     return proposals, pictures
 
 

@@ -64,6 +64,11 @@ def run(
                 outcomes = [o.as_dict() for o in pipeline.run_pipeline(
                     cfg, pipeline.store_for(cfg, store), until, only, progress)]
             else:
+                import os
+
+                # Prefect's own run log ("Created task run", "Finished in state Completed()") stays in the
+                # UI; the terminal shows its warnings and errors only, beside the stage progress bars
+                os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
                 from partdistill.flows import pipeline as flows
 
                 flows.TERMINAL_PROGRESS = progress
@@ -194,9 +199,16 @@ def partsworld(
 
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="image files or folders (searched recursively for "
-                                                      ".jpg .jpeg .png .bmp .webp)")],
     out: Annotated[Path, typer.Option(help="output folder: predictions.json and overlays/")],
+    images: Annotated[list[Path] | None, typer.Argument(help="image files or folders (searched recursively for "
+                                                             ".jpg .jpeg .png .bmp .webp)")] = None,
+    coco: Annotated[Path | None, typer.Option(help="predict the images of this COCO JSON instead, keeping their "
+                                                   "image ids")] = None,
+    image_root: Annotated[Path | None, typer.Option(help="the folder the --coco JSON's relative file names are "
+                                                         "relative to (default: the JSON's folder)")] = None,
+    gt_objects: Annotated[bool, typer.Option("--gt-objects", help="segment the --coco JSON's object masks (the "
+                                                                  "GT-object setting) instead of the teacher's "
+                                                                  "objects")] = False,
     model: Annotated[str | None, typer.Option(
         help="distill artifact: its folder (STORE/distill_r1/<version>), distill_rN/<version> or distill_rN "
              "(default: the newest distill_r* artifact in the store)")] = None,
@@ -210,15 +222,31 @@ def predict(
                                                             "(default: the model's distill.label)")] = None,
 ) -> None:
     """Segment the parts of the objects in new images with a trained distill model."""
+    from partdistill.data.images import DatasetError
     from partdistill.models.teacher import CheckpointError
-    from partdistill.predict import ModelNotFound, Predictor, find_images, write_predictions
+    from partdistill.predict import ModelNotFound, Predictor, coco_input, find_images, write_predictions
     from partdistill.progress import RichProgress
 
-    paths, missing = find_images(images)
+    if (coco is None) == (not images):
+        console.print("[red]give image files or folders, or --coco JSON (not both)[/red]")
+        raise typer.Exit(EXIT_CONFIG)
+    if gt_objects and coco is None:
+        console.print("[red]--gt-objects takes the objects of a --coco JSON[/red]")
+        raise typer.Exit(EXIT_CONFIG)
+    given = None
+    if coco is not None:
+        try:
+            given = coco_input(coco, image_root, with_objects=gt_objects)
+        except DatasetError as err:
+            console.print(f"[red]{err}[/red]", soft_wrap=True)
+            raise typer.Exit(EXIT_CONFIG) from None
+        paths, missing = given.paths, []
+    else:
+        paths, missing = find_images(images)
     for path, reason in missing:
         console.print(f"[red]{path}: {reason}[/red]")
     if not paths:
-        console.print(f"[red]no images found in {', '.join(map(str, images))}[/red]")
+        console.print(f"[red]no images found in {', '.join(map(str, images or [coco]))}[/red]")
         raise typer.Exit(1)
     try:
         thresholds = {"score_threshold": score_threshold, "mask_threshold": mask_threshold,
@@ -236,13 +264,44 @@ def predict(
                 console.print(f"[red]skipped {pred.path}: {pred.error}[/red]", soft_wrap=True)
             bar.advance(1)
 
-        summary = write_predictions(predictor, paths, out, on_image)
+        summary = write_predictions(predictor, paths, out, on_image,
+                                    image_ids=given.image_ids if given is not None else None,
+                                    objects=given.objects if given is not None else None)
     failed = len(summary.failed) + len(missing)
     console.print(f"{summary.images} image(s): {summary.objects} object(s), {summary.parts} part(s) "
                   f"in {time.monotonic() - start:.1f} s; {failed} failed", soft_wrap=True)
     Console().print(f"wrote {summary.path} and {out / 'overlays'}", soft_wrap=True)
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def score(
+    predictions: Annotated[Path, typer.Argument(help="part results: a COCO results list "
+                                                     "([{image_id, category_id, segmentation, score}]) or a "
+                                                     "predictions.json of `predict` or of the evaluate stage")],
+    parts: Annotated[Path, typer.Option(help="part ground truth: COCO part JSON, each part's object_id naming "
+                                             "its object and each part category's supercategory its class")],
+    instances: Annotated[Path, typer.Option(help="the objects' COCO instance JSON")],
+    out: Annotated[Path | None, typer.Option(help="also write the metrics here, as JSON")] = None,
+) -> None:
+    """Score a part-results file with the evaluate stage's metrics (AR@k, C-/A-mIoU, FG-NMI/ARI,
+    NMI/ARI within objects), so that any method can be compared side by side."""
+    from partdistill.data.images import DatasetError
+    from partdistill.evaluation.score import dumps, results_table, score_file
+
+    try:
+        metrics = score_file(predictions, parts, instances)
+    except DatasetError as err:
+        console.print(f"[red]{err}[/red]", soft_wrap=True)
+        raise typer.Exit(1) from None
+    console.print(f"{metrics['objects']} object(s) with parts, {metrics['predicted']} with a prediction; "
+                  f"{metrics['unmatched_results']} result(s) on no object", soft_wrap=True)
+    print(results_table(metrics, predictions.name))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(dumps(metrics) + "\n")
+        console.print(f"wrote {out}")
 
 
 @app.command()

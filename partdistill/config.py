@@ -4,6 +4,10 @@ Configs are mmengine Python configs with ``_base_`` inheritance. The files in
 ``configs/_base_/`` are the complete list of settings with their defaults, so they double as the
 schema: a key that no base file defines is a typo, and a value whose type differs from the
 default's is a mistake. Both fail before any work, naming the key and the file that set it.
+Top-level names that are not sections are the config file's helper variables: they are dropped
+(:func:`_helpers_dropped`), unless a dict that resembles a section's name. A setting whose
+default is None or ``dict()`` is free-form (``dict()`` lets a recipe give a dict, which mmengine
+refuses to merge over a None).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def load_config(path: Path | str, cfg_options: Mapping[str, Any] | Sequence[str]
     except Exception as err:  # mmengine raises many kinds; all mean "this file is broken"
         raise ConfigError(f"could not read config {path}: {err}") from err
     options = parse_options(cfg_options)
-    merged = _plain(cfg.to_dict())
+    merged = _helpers_dropped(_plain(cfg.to_dict()))
     for key, value in options.items():
         # set, not merge: a dict on the command line replaces the setting whole, whatever it was
         node = merged
@@ -54,6 +58,19 @@ def load_config(path: Path | str, cfg_options: Mapping[str, Any] | Sequence[str]
         node[leaf] = _plain(value)
     validate(merged, path, set(options))
     return merged
+
+
+def _helpers_dropped(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config without its helper variables. A config file may define top-level names of its own
+    (``TEACHER = 'work/teacher.pth'``, then ``teacher = dict(checkpoint=TEACHER)``), as mmengine
+    allows; only the sections are settings. A top-level dict that resembles a section name
+    (``minig = dict(k=3)``) is a typo, not a helper: it stays, and validation names it."""
+    sections = schema()
+    out = {}
+    for key, value in cfg.items():
+        if key in sections or (isinstance(value, Mapping) and difflib.get_close_matches(key, list(sections), n=1)):
+            out[key] = value
+    return out
 
 
 def parse_options(cfg_options: Mapping[str, Any] | Sequence[str] | None) -> dict[str, Any]:
@@ -147,6 +164,8 @@ def _walk(cfg: Mapping[str, Any], ref: Mapping[str, Any] | None, prefix: str = "
             yield dotted, value, None, False
             continue
         default = ref[key]
+        if isinstance(default, Mapping) and not default:
+            continue  # a free-form setting whose default is dict(): a value, or a dict of them
         if isinstance(value, Mapping) and isinstance(default, Mapping):
             yield from _walk(value, default, dotted + ".")
         elif isinstance(value, Mapping) and default is None:

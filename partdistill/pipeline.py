@@ -21,6 +21,7 @@ from typing import Any
 import partdistill
 from partdistill.parallel import ShardMapper, check_runtime, open_mapper
 from partdistill.progress import NullProgress, ProgressSink
+from partdistill.stagelog import log_path, stage_log
 from partdistill.stages import STAGES, StageContext
 from partdistill.storage import ArtifactNotFound, ArtifactStore, content_version
 
@@ -249,7 +250,9 @@ def _write_stage(store, planned, cfg, stage, inputs, runtime, progress, on_wait,
                                 summary=store.open(planned.name, planned.version).manifest.get("summary", {}))
         ctx = StageContext(planned.stage_name, planned.version, planned.config, dict(cfg), inputs, writer,
                            progress or NullProgress(), planned.round, mapper)
-        summary = stage.run(ctx) or {}
+        # library chatter (pycocotools, mmengine, torch warnings) to store/<stage>/.logs/<version>.log
+        with stage_log(log_path(store.root, planned.name, planned.version)):
+            summary = stage.run(ctx) or {}
         writer.commit(cfg, extra={
             "summary": summary,
             "evaluation_only": list(stage.evaluation_only_outputs),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,7 +150,7 @@ class Predictor:
 
     def __init__(self, model: Any, teacher: Any, artifact: Artifact, k: int, device: str = "cpu",
                  instances: Mapping[str, Any] | None = None, label: Mapping[str, Any] | None = None,
-                 batch_size: int = 4, description: str = ""):
+                 batch_size: int = 4, description: str = "", class_names: Sequence[str] | None = None):
         from partdistill.config import max_pixels
 
         self.model, self.teacher, self.artifact, self.k, self.device = model, teacher, artifact, k, device
@@ -163,6 +162,10 @@ class Predictor:
         self.description = description or f"{artifact.stage}/{artifact.version}"
         spec = json.loads(artifact.file("model.json").read_text())
         self.object_classes = int(spec["num_classes"]) // int(spec["parts_per_class"])
+        # the run's class numbering (its `instances` artifact's): the model's class slices follow it,
+        # whatever order the teacher's labels come in; a teacher's class is matched to it by name
+        self.class_names = list(class_names) if class_names is not None else list(teacher.class_names)
+        self.class_ids = {name: i for i, name in enumerate(self.class_names)}
 
     @classmethod
     def from_store(cls, store_root: str | Path, model: str | Path | None = None, device: str = "cpu",
@@ -193,7 +196,8 @@ class Predictor:
         teacher = load_teacher(teacher_artifact, device, (merged.get("teacher") or {}).get("resize_long_side"))
         k = int(read_classes(ranking)["k"])
         return cls(load_part_model(artifact, device), teacher, artifact, k, device, label=label,
-                   batch_size=int(merged.get("instances", {}).get("batch_size", 4)), description=description)
+                   batch_size=int(merged.get("instances", {}).get("batch_size", 4)), description=description,
+                   class_names=_run_classes(store, inputs, teacher_artifact, description))
 
     # ------------------------------------------------------------------------------------ objects
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Any]]:
@@ -203,11 +207,12 @@ class Predictor:
 
         cfg = self.instances
         out = []
+        names = self.teacher.class_names
         for pred in self.teacher.predict(list(images), layers=()):
-            found = [Detection(m, float(s), int(c), self.teacher.class_names[int(c)])
+            found = [Detection(m, float(s), self.class_ids.get(names[int(c)], -1), names[int(c)])
                      for m, s, c in zip(pred.masks, pred.scores, pred.labels, strict=True)]
             # the head has slices for the classes the pipeline saw; any other class has no parts
-            found = [d for d in found if d.class_id < self.object_classes]
+            found = [d for d in found if 0 <= d.class_id < self.object_classes]
             out.append(select(found, cfg["score_threshold"], cfg["topk_per_image"], cfg["min_object_fraction"]))
         return out
 
@@ -215,7 +220,7 @@ class Predictor:
     def predict(self, images: Sequence[np.ndarray]) -> list[ImageParts]:
         """images: RGB uint8 (H, W, 3), any sizes. Returns one ImageParts per image, its objects
         by descending score, each object's parts by cluster id."""
-        from partdistill.models.part_model import predict_parts
+        from partdistill.models.part_model import predict_objects
         from partdistill.stages.distill import object_parts
 
         results: list[ImageParts] = []
@@ -226,25 +231,20 @@ class Predictor:
                 if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
                     raise ValueError(f"expected RGB uint8 (H, W, 3) images, got {im.dtype} {im.shape}")
             detections = self.detect(batch)
-            # one model call per image size: padding a small image to a larger one's size would
-            # change its prediction with the company it keeps
-            by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-            for i, dets in enumerate(detections):
-                if dets:
-                    by_size[batch[i].shape[:2]].append(i)
-            preds: dict[int, dict[str, Any]] = {}
-            for group in by_size.values():
-                metas = [{"object_classes": sorted({d.class_id for d in detections[i]})} for i in group]
-                preds.update(zip(group, predict_parts(self.model, [batch[i] for i in group], self.device, metas),
-                                 strict=True))
-            for i, (img, dets) in enumerate(zip(batch, detections, strict=True)):
+            # one model call per image (or per object crop, for a model trained on crops): padding a
+            # small image to a larger one's size would change its prediction with the company it keeps
+            for img, dets in zip(batch, detections, strict=True):
                 objects = [ObjectParts(d.class_id, d.class_name, d.score, d.mask) for d in dets]
-                if i in preds:
-                    found = object_parts(preds[i]["masks"].cpu().numpy(), preds[i]["class_scores"].cpu().numpy(),
-                                         [d.mask for d in dets], [d.class_id for d in dets], self.k,
-                                         lab["score_threshold"], lab["mask_threshold"], lab["min_fraction"])
-                    for obj, parts in zip(objects, found, strict=True):
-                        obj.parts = [Part(p["cluster"], p["score"], p["mask"]) for p in parts]
+                if dets:
+                    masks, classes = [d.mask for d in dets], [d.class_id for d in dets]
+                    preds = predict_objects(self.model, img, masks, self.device, classes)
+                    for o, (obj, pred) in enumerate(zip(objects, preds, strict=True)):
+                        same = [j for j, p in enumerate(preds) if p is pred]
+                        found = object_parts(pred["masks"].cpu().numpy(), pred["class_scores"].cpu().numpy(),
+                                             [masks[j] for j in same], [classes[j] for j in same], self.k,
+                                             lab["score_threshold"], lab["mask_threshold"], lab["min_fraction"],
+                                             lab.get("score", "class"))[same.index(o)]
+                        obj.parts = [Part(p["cluster"], p["score"], p["mask"]) for p in found]
                 results.append(ImageParts(img.shape[0], img.shape[1], objects))
         return results
 
@@ -278,13 +278,25 @@ class Predictor:
     def categories(self) -> list[dict[str, Any]]:
         """COCO categories of the part labels: id = class_id × k + cluster."""
         return [{"id": c * self.k + cl, "name": f"{name}/part{cl}", "supercategory": name}
-                for c, name in enumerate(self.teacher.class_names[:self.object_classes]) for cl in range(self.k)]
+                for c, name in enumerate(self.class_names[:self.object_classes]) for cl in range(self.k)]
 
     def to_coco(self, results: Sequence[ImageParts], image_ids: Sequence[int]) -> list[dict[str, Any]]:
         """COCO results, one per part: image_id, object_id (the object's index in its image),
         category_id (class_id × k + cluster), object_class, part_cluster, segmentation (RLE, str
         counts), score (the part's), area, bbox (x, y, w, h)."""
         return to_coco(results, image_ids, self.k)
+
+
+def _run_classes(store: ArtifactStore, inputs: Mapping[str, str], teacher: Artifact, description: str) -> list[str]:
+    """The class numbering of the run a distill artifact belongs to: its `instances` artifact's."""
+    from partdistill.stages.instances import read_object_classes
+
+    try:
+        instances = store.open("instances", inputs["instances"])
+        data = store.open("data", inputs["data"]) if "data" in inputs else None
+    except (KeyError, ArtifactNotFound) as err:
+        raise ModelNotFound(f"{description}: its instances artifact is not in the store ({err})") from None
+    return read_object_classes(instances, data, teacher)
 
 
 def to_coco(results: Sequence[ImageParts], image_ids: Sequence[int], k: int) -> list[dict[str, Any]]:
@@ -329,23 +341,131 @@ class PredictionSummary:
     path: Path
 
 
+@dataclass
+class GivenObject:
+    """An object mask given with an image (the paper's GT-object setting): its annotation id in a
+    COCO JSON, its class name and bool (H, W) mask."""
+
+    object_id: int
+    class_name: str
+    mask: np.ndarray
+
+
+@dataclass
+class CocoInput:
+    """The images of a COCO JSON (:func:`coco_input`): files, their COCO ids and, when asked, their
+    objects."""
+
+    paths: list[Path]
+    image_ids: dict[Path, int]
+    objects: dict[Path, list[GivenObject]] | None = None
+
+
+def coco_input(json_path: str | Path, image_root: str | Path | None = None, with_objects: bool = False) -> CocoInput:
+    """The images of a COCO instance JSON: ``file_name`` relative to ``image_root`` (default: the
+    JSON's folder), an absolute one as it is; with ``with_objects``, its object masks.
+
+    Raises:
+        DatasetError: a malformed JSON, naming the file and the field.
+    """
+    from partdistill.data.images import coco_images, coco_instance_masks
+
+    records = coco_images(json_path, image_root)
+    paths = [Path(r.path) for r in records]
+    ids = {Path(r.path): r.image_id for r in records}
+    if not with_objects:
+        return CocoInput(paths, ids)
+    masks = coco_instance_masks(json_path)
+    objects = {Path(r.path): [GivenObject(g.annotation_id, g.category_name, g.mask) for g in masks[r.image_id]]
+               for r in records}
+    return CocoInput(paths, ids, objects)
+
+
+class _GivenTeacher:
+    """Stands in for the teacher: the given objects of the image being predicted."""
+
+    def __init__(self, class_names: Sequence[str]):
+        self.class_names = list(class_names)
+        self.current: list[GivenObject] = []
+
+    def predict(self, images: Sequence[np.ndarray], layers: Sequence[str] = ()) -> list[Any]:
+        from partdistill.models.teacher import TeacherOutput
+
+        outs = []
+        for img in images:
+            for o in self.current:
+                if o.class_name not in self.class_names:
+                    self.class_names.append(o.class_name)  # not the run's: detect drops it (no part logits)
+            outs.append(TeacherOutput(
+                [o.mask for o in self.current], np.ones(len(self.current), np.float32),
+                np.array([self.class_names.index(o.class_name) for o in self.current], np.int64), {},
+                img.shape[:2]))
+        return outs
+
+
+def _iter_given(predictor: Predictor, paths: Sequence[Path], objects: Mapping[Path, Sequence[GivenObject]]
+                ) -> Iterator[tuple[PathPrediction, np.ndarray | None, list[int]]]:
+    """Like :meth:`Predictor.iter_paths`, on the given objects instead of the teacher's, all of them
+    (no score, top-k or size filter); also yields each output object's ``object_id``."""
+    from partdistill.data.images import ImageLoadError, load_rgb
+
+    given = _GivenTeacher(predictor.class_names)
+    teacher, settings = predictor.teacher, predictor.instances
+    predictor.teacher = given
+    predictor.instances = {**settings, "score_threshold": 0.0, "topk_per_image": 2**31, "min_object_fraction": 0.0}
+    try:
+        for path in map(Path, paths):
+            try:
+                img = load_rgb(path, predictor.max_pixels)
+            except ImageLoadError as err:
+                yield PathPrediction(path, None, err.reason), None, []
+                continue
+            mine = list(objects.get(path, []))
+            wrong = [o for o in mine if o.mask.shape != img.shape[:2]]
+            if wrong:
+                yield PathPrediction(path, None, f"object {wrong[0].object_id}'s mask is {wrong[0].mask.shape} (H, W), "
+                                                 f"the image {img.shape[:2]}"), None, []
+                continue
+            given.current = mine
+            [parts] = predictor.predict([img])
+            unused = list(mine)
+            ids = []
+            for obj in parts.objects:  # the objects come back in the given order, those of the run's classes
+                match = next(o for o in unused if o.mask is obj.mask or np.array_equal(o.mask, obj.mask))
+                unused.remove(match)
+                ids.append(match.object_id)
+            yield PathPrediction(path, parts), img, ids
+    finally:
+        predictor.teacher, predictor.instances = teacher, settings
+
+
 def write_predictions(predictor: Predictor, paths: Sequence[Path], out: Path,
-                      on_image: Callable[[PathPrediction], None] | None = None) -> PredictionSummary:
+                      on_image: Callable[[PathPrediction], None] | None = None,
+                      image_ids: Mapping[Path, int] | None = None,
+                      objects: Mapping[Path, Sequence[GivenObject]] | None = None) -> PredictionSummary:
     """Predict ``paths`` and write ``out/predictions.json`` and ``out/overlays/<name>.png``.
 
     predictions.json: {model, images: [{id, file_name, height, width, overlay}], categories,
     objects: :func:`coco_objects`, annotations: :meth:`Predictor.to_coco` rows with an ``id``,
-    failed: [{file_name, error}]}; ``images``/``categories``/``annotations`` make it loadable with
-    pycocotools' ``COCO``, and ``annotations`` is a COCO results list. Image ids are positions in
-    ``paths`` from 1, so an id names the same file whether or not other files failed."""
+    object_ids, failed: [{file_name, error}]}; ``images``/``categories``/``annotations`` make it
+    loadable with pycocotools' ``COCO``, and ``annotations`` is a COCO results list. Image ids are
+    ``image_ids[path]`` (a COCO JSON's ids, :func:`coco_input`) or positions in ``paths`` from 1, so
+    an id names the same file whether or not other files failed.
+
+    ``objects``: given object masks per path, used instead of the teacher's (the GT-object setting);
+    then an object's ``object_id`` is its annotation id and ``object_ids`` is ``"annotation"``
+    (``partdistill score`` matches parts to objects by it), else ``object_id`` is the object's
+    index in its image and ``object_ids`` is ``"index"``."""
     from partdistill.evaluation.overlays import save_png
     from partdistill.storage import write_json_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(exist_ok=True)
-    ids = {Path(p): i for i, p in enumerate(paths, start=1)}
-    images, objects, annotations, failed, names = [], [], [], [], set()
-    for pred, img in predictor.iter_paths(paths):
+    ids = dict(image_ids) if image_ids is not None else {Path(p): i for i, p in enumerate(paths, start=1)}
+    images, objs, annotations, failed, names = [], [], [], [], set()
+    stream = (_iter_given(predictor, paths, objects) if objects is not None
+              else ((pred, img, None) for pred, img in predictor.iter_paths(paths)))
+    for pred, img, object_ids in stream:
         image_id = ids[pred.path]
         if pred.parts is None:
             failed.append((pred.path, pred.error or "unreadable"))
@@ -355,14 +475,20 @@ def write_predictions(predictor: Predictor, paths: Sequence[Path], out: Path,
             save_png(out / "overlays" / f"{name}.png", overlay(img, pred.parts))
             images.append({"id": image_id, "file_name": str(pred.path), "height": pred.parts.height,
                            "width": pred.parts.width, "overlay": f"overlays/{name}.png"})
-            objects += coco_objects([pred.parts], [image_id])
-            annotations += predictor.to_coco([pred.parts], [image_id])
+            found, parts = coco_objects([pred.parts], [image_id]), predictor.to_coco([pred.parts], [image_id])
+            if object_ids is not None:
+                for row in found + parts:
+                    row["object_id"] = object_ids[row["object_id"]]
+            objs += found
+            annotations += parts
         if on_image is not None:
             on_image(pred)
     for i, a in enumerate(annotations, start=1):
         a["id"] = i
     write_json_atomic(out / "predictions.json", {
         "model": f"{predictor.artifact.stage}/{predictor.artifact.version}", "images": images,
-        "categories": predictor.categories(), "objects": objects, "annotations": annotations,
+        "categories": predictor.categories(), "objects": objs, "annotations": annotations,
+        "object_ids": "annotation" if objects is not None else "index",
+        "object_classes": predictor.class_names[:predictor.object_classes], "k": predictor.k,
         "failed": [{"file_name": str(p), "error": e} for p, e in failed]})
-    return PredictionSummary(len(images), len(objects), len(annotations), failed, out / "predictions.json")
+    return PredictionSummary(len(images), len(objs), len(annotations), failed, out / "predictions.json")

@@ -26,7 +26,7 @@ DEMO_CONFIG = REPO / "configs" / "demo_partsworld.py"
 def tiny_options() -> dict:
     """Overrides that make the demo config's Parts World tiny (12 images in 3 shards)."""
     return {"data.partsworld.images": 12, "data.partsworld.width": 128, "data.partsworld.height": 96,
-            "data.partsworld.shard_size": 4,
+            "data.partsworld.shard_size": 4, "teacher.source": "train",
             # a teacher that trains for a few iterations only: the tests check plumbing, not quality
             "teacher.train.max_iters": 3, "teacher.train.batch_size": 2, "teacher.train.image_size": [96, 128],
             "teacher.train.checkpoint_interval": 2}
@@ -54,7 +54,7 @@ def unbuilt_teacher(monkeypatch):
 
 
 TINY = {"data.partsworld.images": 12, "data.partsworld.width": 128, "data.partsworld.height": 96,
-        "data.partsworld.shard_size": 4, "teacher.train.max_iters": 3, "teacher.train.batch_size": 2,
+        "data.partsworld.shard_size": 4, "teacher.source": "train", "teacher.train.max_iters": 3, "teacher.train.batch_size": 2,
         "teacher.train.image_size": [96, 128], "teacher.train.checkpoint_interval": 2,
         # a 3-iteration teacher is unsure of everything: keep whatever it finds
         "instances.score_threshold": 0.0, "instances.shard_images": 4, "features.shard_images": 4}

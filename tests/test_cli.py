@@ -72,3 +72,23 @@ def test_bad_input_error_is_named_without_traceback(tmp_path):
     text = " ".join(result.output.split())
     assert "CheckpointError" in text and "teacher.pth" in text and "Traceback" not in text
     assert "complete" in text  # the status table: data was kept
+
+
+def test_a_run_is_quiet_and_library_chatter_goes_to_the_stage_log(tmp_path):
+    """stdout holds the results only and stderr the progress: pycocotools' prints, mmengine's
+    logger and torch's UserWarnings go to store/<stage>/.logs/<version>.log."""
+    import subprocess
+    import sys
+
+    store = tmp_path / "store"
+    done = subprocess.run(
+        [sys.executable, "-m", "partdistill.cli", "run", str(DEMO_CONFIG), "--until", "teacher", "--engine", "local",
+         *_tiny(store), "-o", "teacher.source=train", "-o", "teacher.train.max_iters=2",
+         "-o", "teacher.train.batch_size=2",
+         "-o", "teacher.train.image_size=[64,96]"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    for chatter in ("UserWarning", "loading annotations", "creating index", "index created", "last_checkpoint"):
+        assert chatter not in done.stdout and chatter not in done.stderr, chatter
+    assert done.stdout == ""  # no evaluate stage ran: no table
+    [log] = (store / "teacher" / ".logs").glob("*.log")
+    assert "loading annotations into memory" in log.read_text()

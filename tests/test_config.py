@@ -73,3 +73,26 @@ def test_command_line_dict_replaces_the_setting():
     assert cfg["features"]["reduction"] == {"type": "random_projection", "dim": 8}
     with pytest.raises(ConfigError, match="features.reduction.dimm"):
         load_config(DEMO_CONFIG, ["features.reduction={'type': 'random_projection', 'dimm': 8}"])
+
+
+def test_helper_variables_are_allowed_and_kept_out_of_the_config(tmp_path):
+    f = _leaf(tmp_path, "TEACHER = '/models/teacher.pth'\nnorm = dict(type='BN')\nK = 6\n"
+                        "teacher = dict(source='checkpoint', checkpoint=TEACHER)\nmining = dict(k=K)")
+    cfg = load_config(f)
+    assert cfg["teacher"]["checkpoint"] == "/models/teacher.pth" and cfg["mining"]["k"] == 6
+    assert set(cfg) == set(schema())  # the helpers enter no section and no version
+    # a dict named like a section is a typo, and on the command line every key is a setting
+    with pytest.raises(ConfigError, match="unknown key 'minig'"):
+        load_config(_leaf(tmp_path, "K = 3\nminig = dict(k=K)"))
+    with pytest.raises(ConfigError, match="unknown key 'TEACHER'.*--cfg-options"):
+        load_config(f, ["TEACHER=x"])
+
+
+def test_per_split_coco_files_in_a_recipe(tmp_path):
+    """mmengine refuses to merge a dict over a None: the per-split settings default to dict()."""
+    f = _leaf(tmp_path, "data = dict(source='coco', coco=dict(instances=dict(train='t.json', val='v.json'), "
+                        "parts=dict(val='p.json'), root=dict(train='/a', val='/b')))")
+    coco = load_config(f)["data"]["coco"]
+    assert coco["instances"] == {"train": "t.json", "val": "v.json"} and coco["root"] == {"train": "/a", "val": "/b"}
+    single = load_config(_leaf(tmp_path, "data = dict(source='coco', coco=dict(instances='x.json', root='/r'))"))
+    assert single["data"]["coco"]["instances"] == "x.json" and single["data"]["coco"]["parts"] == {}

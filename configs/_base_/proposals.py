@@ -11,11 +11,17 @@ proposals = dict(
     train_splits=['train'],
     min_object_fraction=0.05,  # objects must cover 5% of the image (the reference's filter)
     min_part_fraction=0.05,    # parts must cover 5% of the image's summed part area, after augmentation
-    image_size=[192, 256],     # training crop (height, width) after large-scale jitter
-    scale_range=[0.5, 1.5],    # large-scale jitter (the reference: 0.1-2.0 at 640 px)
+    image_size=[192, 256],     # training crop (height, width) after large-scale jitter (whole-image mode)
+    scale_range=[0.5, 1.5],    # large-scale jitter (the reference: 0.1-2.0 at 640 px) (whole-image mode)
+    # Object-centric crops: each object is cut out in a square box (its bounding box + margin × its
+    # side on every side), resized to size × size, and trained on, labelled and predicted alone;
+    # the masks are pasted back into the image. The paper's regime (one large object per ImageNet
+    # photo) on scenes of small objects. enabled=False: the whole image is the input.
+    crop=dict(enabled=True, size=128, margin=0.15, scale_range=[0.8, 1.25]),
     flip=True,
     loss_weights=dict(cls=2.0, mask=5.0, dice=5.0, no_object=0.1),
-    optimizer=dict(lr=1e-4, weight_decay=0.05, clip_grad=0.01),
+    # AdamW; linear warm-up from 0.1 × lr over warmup_iters, then × 0.1 at each milestone (fractions of max_iters)
+    optimizer=dict(lr=1e-4, weight_decay=0.05, clip_grad=0.01, warmup_iters=50, milestones=[0.8, 0.9]),
     max_iters=150,
     batch_size=4,
     accumulate=1,              # gradient accumulation: an effective batch of batch_size x accumulate x GPUs
@@ -25,6 +31,7 @@ proposals = dict(
         score_threshold=0.3,   # pseudo-parts: queries scoring above this...
         mask_threshold=0.5,    # ...whose mask (probability above this) overlaps an object
         min_fraction=0.05,     # segments under this fraction of their object's area are dropped
+        max_fraction=0.5,      # ...and over this one (the paper: parts over half their object are objects)
         shard_images=32,       # images per resumable labelling shard
     ),
 )

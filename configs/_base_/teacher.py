@@ -3,6 +3,7 @@ teacher = dict(
     source='train',           # 'train' (on the data's object JSON) | 'checkpoint' | 'detectron2' | 'random'
     mmdet_config='configs/teachers/demo_mask2former_effnet-lite0_partsworld.py',
     checkpoint=None,          # an mmdet .pth ('checkpoint') or detectron2 .pkl ('detectron2')
+    checkpoint_sha256=None,   # when set, the checkpoint must have this sha256, and the version names it by content
     resize_long_side=None,    # inference resize; the paper uses a long side of 640
     train=dict(
         max_iters=500,

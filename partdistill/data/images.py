@@ -41,6 +41,7 @@ __all__ = [
     "ImageRecord",
     "coco_images",
     "coco_instance_masks",
+    "decode_segmentation",
     "imagenet_folder",
     "load_rgb",
     "partsworld_images",
@@ -414,8 +415,6 @@ def coco_instance_masks(
     Raises:
         DatasetError: as above, or an ``image_ids`` entry the file does not have.
     """
-    from pycocotools import mask as mask_utils
-
     json_path = Path(json_path)
     data = _read_json(json_path)
     images = _validate_coco(json_path, data, need_masks=True)
@@ -433,13 +432,24 @@ def coco_instance_masks(
         if a.get("iscrowd", 0):
             continue
         im = images[a["image_id"]]
-        h, w = int(im["height"]), int(im["width"])
-        seg = a["segmentation"]
+        mask = decode_segmentation(a["segmentation"], int(im["height"]), int(im["width"]))
+        out[a["image_id"]].append(GTInstance(int(a["id"]), int(a["category_id"]), names[a["category_id"]], mask))
+    return out
+
+
+def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
+    """A COCO ``segmentation`` (polygons, uncompressed or compressed RLE) of a ``height`` x
+    ``width`` image as a ``bool`` ``(H, W)`` C-contiguous mask; polygons under 3 points are dropped."""
+    from pycocotools import mask as mask_utils
+
+    h, w = int(height), int(width)
+    with warnings.catch_warnings():
+        # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; harmless
+        warnings.simplefilter("ignore", DeprecationWarning)
         if isinstance(seg, list):
             polys = [[float(v) for v in p] for p in seg if len(p) >= 6]
             if polys:
-                rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
-                mask = mask_utils.decode(rle)
+                mask = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, h, w)))
             else:
                 mask = np.zeros((h, w), np.uint8)
         elif isinstance(seg["counts"], list):
@@ -447,9 +457,7 @@ def coco_instance_masks(
         else:
             counts = seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else bytes(seg["counts"])
             mask = mask_utils.decode({"size": [h, w], "counts": counts})
-        out[a["image_id"]].append(GTInstance(int(a["id"]), int(a["category_id"]), names[a["category_id"]],
-                                             np.ascontiguousarray(mask, dtype=bool)))
-    return out
+    return np.ascontiguousarray(mask, dtype=bool)
 
 
 def _read_json(path: Path) -> Any:

@@ -23,7 +23,6 @@ import numpy as np
 
 from partdistill.evaluation.metrics import average_recall, per_object_nmi_ari
 from partdistill.models.part_mining import ObjectFeatures, mine_parts, rgb_object
-from partdistill.storage import rle_to_mask
 
 
 @dataclass
@@ -34,29 +33,40 @@ class GTObject:
     mask: np.ndarray          # bool (H, W)
     part_labels: np.ndarray   # int16 (H, W): part category id inside the object, -1 elsewhere / unlabelled
     part_masks: list[np.ndarray]
+    object_id: int | None = None  # the object's annotation id in its instance JSON, where it has one
 
 
 def load_gt_objects(data_dir: Path, split: str = "val", limit: int | None = None) -> list[GTObject]:
     """Objects with their parts from a Parts World (or PartImageNet-style) data folder."""
-    inst = json.loads((data_dir / f"instances_{split}.json").read_text())
-    parts = json.loads((data_dir / f"parts_{split}.json").read_text())
+    return load_coco_objects(data_dir / f"instances_{split}.json", data_dir / f"parts_{split}.json", limit)
+
+
+def load_coco_objects(instances: Path | str, parts: Path | str, limit: int | None = None) -> list[GTObject]:
+    """The objects of an instance JSON that have parts in a part JSON (each part's ``object_id``
+    names its object), in ascending annotation id. Segmentations may be polygons or RLE."""
+    from partdistill.data.images import decode_segmentation
+
+    inst = json.loads(Path(instances).read_text())
+    parts_data = json.loads(Path(parts).read_text())
     images = {im["id"]: im for im in inst["images"]}
     names = {c["id"]: c["name"] for c in inst["categories"]}
     by_object: dict[int, list[dict]] = {}
-    for p in parts["annotations"]:
+    for p in parts_data["annotations"]:
         by_object.setdefault(p["object_id"], []).append(p)
     objects = []
     for a in sorted(inst["annotations"], key=lambda a: a["id"]):
-        mask = rle_to_mask(a["segmentation"])
+        if a["id"] not in by_object:
+            continue
+        im = images[a["image_id"]]
+        mask = decode_segmentation(a["segmentation"], im["height"], im["width"])
         labels = np.full(mask.shape, -1, np.int16)
         part_masks = []
-        for p in by_object.get(a["id"], []):
-            pm = rle_to_mask(p["segmentation"]) & mask
+        for p in by_object[a["id"]]:
+            pm = decode_segmentation(p["segmentation"], im["height"], im["width"]) & mask
             labels[pm] = p["category_id"]
             part_masks.append(pm)
-        if part_masks:
-            objects.append(GTObject(a["image_id"], images[a["image_id"]]["file_name"], names[a["category_id"]],
-                                    mask, labels, part_masks))
+        objects.append(GTObject(a["image_id"], im["file_name"], names[a["category_id"]], mask, labels, part_masks,
+                                int(a["id"])))
         if limit and len(objects) >= limit:
             break
     return objects

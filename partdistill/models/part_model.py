@@ -149,6 +149,40 @@ def predict_parts(model: PartModel, images: Sequence[np.ndarray], device: str = 
     return model(data["inputs"].to(device), data["data_samples"], mode="predict")
 
 
+@torch.no_grad()
+def predict_objects(model: PartModel, image: np.ndarray, objects: Sequence[np.ndarray], device: str = "cpu",
+                    classes: Sequence[int] | None = None, crop: Mapping[str, Any] | None = None,
+                    batch_size: int = 8) -> list[dict[str, Tensor]]:
+    """Part queries for each object of one RGB uint8 (H, W, 3) image, as :func:`predict_parts`
+    gives them (``masks`` float (Q, H, W) in image coordinates, ``scores`` or ``class_scores``,
+    ``query_features``), one dict per object.
+
+    With ``crop`` (:func:`~partdistill.models.object_crops.crop_settings`; default: the model's
+    ``part_crop``, which :func:`~partdistill.stages.proposals.load_part_model` sets from its
+    artifact) each object is cut out, resized to ``crop["size"]`` and predicted alone, and its
+    masks are pasted back (zero outside its box); a class-conditioned model sees that object's
+    class only. Without, one pass over the whole image serves every object (the same dict, with
+    the image's classes). ``classes``: the objects' class ids (for a class-conditioned model)."""
+    from partdistill.models.object_crops import crop_image, object_box, paste_probs
+
+    crop = crop if crop is not None else getattr(model, "part_crop", None)
+    if not objects:
+        return []
+    if not crop:
+        metas = [{"object_classes": sorted({int(c) for c in classes})}] if classes is not None else None
+        pred = predict_parts(model, [image], device, metas)[0]
+        return [pred for _ in objects]
+    boxes = [object_box(np.asarray(m, bool), crop["size"], crop["margin"]) for m in objects]
+    out: list[dict[str, Tensor]] = []
+    for start in range(0, len(boxes), batch_size):
+        group = list(range(start, min(start + batch_size, len(boxes))))
+        metas = [{"object_classes": [int(classes[i])]} for i in group] if classes is not None else None
+        preds = predict_parts(model, [crop_image(image, boxes[i]) for i in group], device, metas)
+        for i, pred in zip(group, preds, strict=True):
+            out.append({**pred, "masks": paste_probs(pred["masks"], boxes[i], image.shape[:2])})
+    return out
+
+
 @DATASETS.register_module()
 class PartsDataset(BaseDetDataset):
     """Images with part masks, from a JSON list written by the stage. Each entry:

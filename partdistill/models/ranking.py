@@ -143,13 +143,16 @@ def candidates(
     score_threshold: float = 0.3,
     min_fraction: float = 0.05,
     mask_threshold: float = 0.5,
+    max_fraction: float = 1.0,
 ) -> ObjectCandidates:
     """The candidate part queries of one object (§4.3).
 
     Every object pixel ``x`` goes to ``argmax_i M_i(x) s_i`` among the queries with
     ``M_i(x) > mask_threshold`` (ties: lowest query index); pixels where no query passes stay
     unassigned. A query is a candidate when ``s_i > score_threshold`` and its pixels cover at
-    least ``min_fraction`` of the object's area (and at least one pixel).
+    least ``min_fraction`` of the object's area (and at least one pixel), and at most
+    ``max_fraction`` of it (the paper's self-training drops parts over half their object: a
+    query that takes the whole object is an object, not a part).
 
     Args:
         masks: float (Q, H, W) mask probabilities in [0, 1] of all the image's part queries
@@ -190,7 +193,7 @@ def candidates(
 
     won = winner >= 0
     counts = np.bincount(winner[won], minlength=q)
-    keep = (s > score_threshold) & (counts >= min_fraction * area) & (counts > 0)
+    keep = (s > score_threshold) & (counts >= min_fraction * area) & (counts > 0) & (counts <= max_fraction * area)
     winner[won & ~keep[np.maximum(winner, 0)]] = -1
     label_map[y0:y1, x0:x1] = winner
 

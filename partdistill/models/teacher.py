@@ -154,17 +154,7 @@ class Teacher:
             model.init_weights()
         else:
             check_and_load(model, state, checkpoint)
-        names = class_names or cfg.get("class_names") or _metainfo_classes(cfg)
-        if names is None:
-            head = cfg.model.get("panoptic_head", {})
-            n = head.get("num_things_classes", 0)
-            if n == 80:  # a COCO model
-                from mmdet.datasets import CocoDataset
-
-                names = list(CocoDataset.METAINFO["classes"])
-            else:
-                names = [f"class_{i}" for i in range(n)]
-        return cls(model, names, device, resize_long_side)
+        return cls(model, list(class_names) if class_names else config_class_names(cfg), device, resize_long_side)
 
     @torch.no_grad()
     def predict(self, images: Sequence[np.ndarray], layers: Sequence[str] = ("res3", "res4")) -> list[TeacherOutput]:
@@ -259,6 +249,22 @@ def _resized(h: int, w: int, long_side: int | None) -> tuple[int, int]:
         return h, w
     s = long_side / max(h, w)
     return max(1, round(h * s)), max(1, round(w * s))
+
+
+def config_class_names(cfg: Any) -> list[str]:
+    """The class names a detector built from an mmdet config (a ``Config``) predicts, in the
+    order of its labels: the config's ``class_names``, else its datasets' ``metainfo.classes``,
+    else COCO's 80 classes for an 80-class head, else ``class_0``, ``class_1``, ..."""
+    names = cfg.get("class_names") or _metainfo_classes(cfg)
+    if names:
+        return list(names)
+    head = cfg.model.get("panoptic_head", {})
+    n = head.get("num_things_classes", 0)
+    if n == 80:  # a COCO model
+        from mmdet.datasets import CocoDataset
+
+        return list(CocoDataset.METAINFO["classes"])
+    return [f"class_{i}" for i in range(n)]
 
 
 def _metainfo_classes(cfg: Any) -> list[str] | None:

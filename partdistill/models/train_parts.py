@@ -42,6 +42,8 @@ def training_config(
     shuffle: bool = True,
     amp: bool = False,
     launcher: str = "none",
+    warmup_iters: int = 50,
+    milestones: Sequence[float] = (0.8, 0.9),
 ):
     """An mmengine Config training ``model`` (a PartModel config dict) on the parts JSON.
 
@@ -95,8 +97,8 @@ def training_config(
                          filter_cfg=None, pipeline=pipeline, serialize_data=False)),
         train_cfg=dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters + 1),
         optim_wrapper=optim_wrapper,
-        **runner_settings(max_iters, checkpoint_interval, seed, milestones=(0.8, 0.9),
-                          backend="nccl" if _cuda() else "gloo"),
+        **runner_settings(max_iters, checkpoint_interval, seed, milestones=tuple(milestones),
+                          backend="nccl" if _cuda() else "gloo", warmup_iters=warmup_iters),
         launcher=launcher,
         # a fresh run starts from init_checkpoint; a killed one resumes from work_dir's last checkpoint
         resume=resume,

@@ -18,12 +18,13 @@ from partdistill.models.teacher import register_mmdet
 
 
 def runner_settings(max_iters: int, checkpoint_interval: int, seed: int, milestones: Sequence[float],
-                    backend: str) -> dict[str, Any]:
+                    backend: str, warmup_iters: int = 50) -> dict[str, Any]:
     """The Runner settings every training here shares: warm-up then step decay at the
     ``milestones`` (fractions of ``max_iters``), iteration-based logging, one kept checkpoint
     every ``checkpoint_interval`` iterations (what a killed run resumes from), the seed."""
     return dict(
-        param_scheduler=[dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=min(50, max_iters)),
+        param_scheduler=[dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0,
+                              end=max(1, min(int(warmup_iters), max_iters))),
                          dict(type="MultiStepLR", begin=0, end=max_iters, by_epoch=False,
                               milestones=[int(max_iters * m) for m in milestones], gamma=0.1)],
         default_hooks=dict(

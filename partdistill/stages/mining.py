@@ -4,10 +4,14 @@ For every kept object instance: its stride-8 feature grid (`features`), its mask
 K-means with k clusters on the feature cells inside the mask and full-resolution assignment
 through the bilinearly upsampled features (:func:`partdistill.models.part_mining.mine_parts`),
 optionally the reference's dense CRF on the image (:mod:`partdistill.models.crf`), then parts
-under ``min_part_area`` pixels are dropped. Every part lies inside its object mask: K-means only
-labels object pixels, and the CRF's result is clamped to the mask.
+under ``min_part_area`` pixels are dropped. With ``mining.fusion``'s colour or position weight
+above 0, K-means clusters the features fused with each cell's CIELAB colour and (y, x) position
+(:class:`partdistill.models.part_mining.Fusion`); with both 0 (the default) nothing is fused.
+Every part lies inside its object mask: K-means only labels object pixels, and the CRF's result
+is clamped to the mask.
 
-Reads: `data` (images, for the CRF), `instances` (masks), `features` (grids). Writes:
+Reads: `data` (images, for the CRF and colour-aware mining), `instances` (masks), `features`
+(grids). Writes:
 
 - ``mined_parts/part-{k:05d}.parquet``  one row per mined part: instance_id:int64, image_id:int64,
   split:str, part:int16 (0..n-1, dense per instance, in cluster order; n <= k), rle:str (COCO
@@ -113,13 +117,15 @@ def mine_instances(
     instances: `instances` rows (instance_id, image_id, split, file_name, rle, height, width).
     features:  instance_id → (float32 (grid_h, grid_w, C), index row with grid_y0, grid_x0, stride,
                scale_y, scale_x); raises KeyError for an instance without features.
-    images:    file_name → uint8 (H, W, 3) RGB; only called when ``cfg["crf"]["enabled"]``.
-    cfg:       the `mining` config section (k, metric, iters, seed, backend, min_part_area, crf).
+    images:    file_name → uint8 (H, W, 3) RGB; only called when ``cfg["crf"]["enabled"]`` or when
+               ``cfg["fusion"]`` fuses colour or position.
+    cfg:       the `mining` config section (k, metric, iters, seed, backend, min_part_area, crf,
+               fusion: optional).
     executor:  a process pool for the CRF (:func:`partdistill.models.crf.make_pool`); None: in-process.
     """
     from partdistill.data.images import ImageLoadError
     from partdistill.models.crf import CRFItem, CRFParams, refine_many
-    from partdistill.models.part_mining import ObjectFeatures, mine_parts
+    from partdistill.models.part_mining import Fusion, ObjectFeatures, mine_parts
     from partdistill.stages.features import instance_mask
 
     out = MinedShard()
@@ -128,6 +134,10 @@ def mine_instances(
     use_crf = bool(crf_cfg.get("enabled", False))
     if use_crf and images is None:
         raise ValueError("mining.crf.enabled needs the images: pass an image lookup")
+    fusion = Fusion.from_config(cfg.get("fusion"))
+    if fusion.active and images is None:
+        raise ValueError("mining.fusion with colour or position needs the images: pass an image lookup")
+    need_image = use_crf or fusion.active
 
     start = time.perf_counter()
     kept: list[tuple[Mapping[str, Any], ObjectFeatures, np.ndarray | None]] = []
@@ -139,7 +149,7 @@ def mine_instances(
             grid, meta = None, None
         reason = skip_reason(mask, grid, min_area)
         image = None
-        if reason is None and use_crf:
+        if reason is None and need_image:
             try:
                 image = images(row["file_name"])
                 if image.shape[:2] != mask.shape:
@@ -155,8 +165,10 @@ def mine_instances(
     out.seconds["read"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    # fusion=None when nothing is fused: exactly the features-only K-means
     maps = mine_parts([obj for _, obj, _ in kept], k=k, metric=cfg["metric"], iters=int(cfg["iters"]),
-                      seed=int(cfg["seed"]), backend=cfg["backend"]) if kept else []
+                      seed=int(cfg["seed"]), backend=cfg["backend"], fusion=fusion if fusion.active else None,
+                      images=[image for _, _, image in kept] if fusion.active else None) if kept else []
     out.seconds["kmeans"] = time.perf_counter() - start
 
     if use_crf and kept:
@@ -194,6 +206,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     shards = [instances[i:i + size] for i in range(0, len(instances), size)] or [[]]
     if cfg["fused"] and (ctx.full_config["features"].get("reduction") or {}).get("type"):
         raise NotImplementedError("mining.fused with features.reduction is not built: set one or the other")
+    from partdistill.models.part_mining import Fusion
+
+    Fusion.from_config(cfg.get("fusion"))  # a bad weight fails here, before any shard
     out = ctx.writer.path
     (out / "mined_parts").mkdir(exist_ok=True)
     use_crf = bool((cfg.get("crf") or {}).get("enabled", False))
@@ -250,6 +265,7 @@ def mining_shard(job: dict[str, Any]) -> ShardDone:
     # loads each image once
     images = functools.lru_cache(maxsize=4)(lambda name: load_rgb(data.path / name, job["max_pixels"]))
     use_crf = bool((cfg.get("crf") or {}).get("enabled", False))
+    # (colour-aware mining needs the images too; it runs in this process, the pool is the CRF's)
     pool = make_pool(int(job["crf_processes"])) if use_crf and len(shard) > 1 else None
     try:
         mined = mine_instances(shard, reader.get, images, cfg, pool)
@@ -271,8 +287,22 @@ def _upstream(section: dict[str, Any], cfg: Mapping[str, Any]) -> tuple[str, ...
 
 
 def _relevant(section: dict[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
+    # Nothing fused (colour and position weights 0, or no `fusion` key): the features-only K-means,
+    # so the version leaves `fusion` out and stays that of mining before `fusion` existed.
+    fusion = section.get("fusion") or {}
+    if not any(_positive(fusion.get(key)) for key in ("color_weight", "position_weight")):
+        section = {key: value for key, value in section.items() if key != "fusion"}
     # fused mining computes the features itself, so the features settings are part of its version
     return {**section, "_features": dict(cfg["features"])} if section["fused"] else section
+
+
+def _positive(value: Any) -> bool:
+    """Whether a fusion weight fuses its block; a value that is no number is hashed (and refused by
+    :class:`~partdistill.models.part_mining.Fusion` when the stage runs)."""
+    try:
+        return not float(value) <= 0  # NaN counts as set
+    except (TypeError, ValueError):
+        return value is not None
 
 
 STAGE = Stage("mining", ("data", "teacher", "instances", "features"), "1", run, summary="K-means part proposals",

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from partdistill.models.object_crops import crop_settings
 from partdistill.parallel import ShardDone, process_cached
 from partdistill.stages.base import Stage, StageContext
 from partdistill.storage import mask_to_rle, rle_to_mask, write_json_atomic, write_parquet
@@ -75,8 +76,14 @@ def training_records(
     image_dir: Path,
     splits: Sequence[str],
     min_object_fraction: float,
+    crop: Mapping[str, Any] | None = None,
+    crop_dir: Path | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The PartsDataset entries (one per image with a usable instance) and the skipped instances.
+
+    With ``crop`` (:func:`~partdistill.models.object_crops.crop_settings`) there is one entry per
+    usable instance instead: its object-centric crop, written as a PNG into ``crop_dir``, with
+    its own parts only (resized with it) and its own class.
 
     instances: `instances` rows (instance_id, image_id, split, file_name, area, height, width, and
     class_id: the image's ``object_classes``, which the distill head is conditioned on);
@@ -103,6 +110,14 @@ def training_records(
             skipped.append({"instance_id": int(inst["instance_id"]), "image_id": int(inst["image_id"]),
                             "reason": reason})
             continue
+        if crop:
+            entry = _crop_entry(inst, by_instance[int(inst["instance_id"])], image_dir, crop, crop_dir)
+            if entry["instances"]:
+                images[len(images)] = entry
+            else:
+                skipped.append({"instance_id": int(inst["instance_id"]), "image_id": int(inst["image_id"]),
+                                "reason": "no parts left in the crop"})
+            continue
         entry = images.setdefault(int(inst["image_id"]), {
             "img_path": str(image_dir / inst["file_name"]), "img_id": int(inst["image_id"]),
             "height": h, "width": w, "object_classes": [], "instances": []})
@@ -120,6 +135,36 @@ def training_records(
     return records, skipped
 
 
+def _crop_entry(inst: Mapping[str, Any], parts: Sequence[Mapping[str, Any]], image_dir: Path,
+                crop: Mapping[str, Any], crop_dir: Path | None) -> dict[str, Any]:
+    """The PartsDataset entry of one instance's object-centric crop (the crop PNG is written)."""
+    from PIL import Image
+
+    from partdistill.data.images import load_rgb
+    from partdistill.models.object_crops import crop_image, crop_mask, object_box
+
+    if crop_dir is None:
+        raise ValueError("crop training needs a crop_dir to write the crops into")
+    h, w = int(inst["height"]), int(inst["width"])
+    box = object_box(rle_to_mask({"size": [h, w], "counts": inst["rle"]}), crop["size"], crop["margin"])
+    crop_dir.mkdir(parents=True, exist_ok=True)
+    path = crop_dir / f"{int(inst['instance_id'])}.png"
+    Image.fromarray(crop_image(load_rgb(image_dir / inst["file_name"]), box)).save(path)
+    size = box.size
+    entry: dict[str, Any] = {"img_path": str(path), "img_id": int(inst["instance_id"]), "height": size,
+                             "width": size, "object_classes": [int(inst["class_id"])] if "class_id" in inst else [],
+                             "instances": []}
+    for p in sorted(parts, key=lambda r: (r.get("part", 0), r.get("query", 0))):
+        m = crop_mask(rle_to_mask({"size": [h, w], "counts": p["rle"]}), box)
+        ys, xs = np.nonzero(m)
+        if len(ys) == 0:
+            continue
+        entry["instances"].append({
+            "bbox": [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)],
+            "bbox_label": int(p.get("label", 0)), "mask": mask_to_rle(m), "ignore_flag": 0})
+    return entry
+
+
 # ---------------------------------------------------------------------------------------- labelling
 def label_image(
     masks: np.ndarray,
@@ -128,6 +173,7 @@ def label_image(
     score_threshold: float,
     mask_threshold: float = 0.5,
     min_fraction: float = 0.05,
+    max_fraction: float = 1.0,
 ) -> list[list[tuple[int, np.ndarray]]]:
     """Pseudo-parts of one image's objects.
 
@@ -136,8 +182,8 @@ def label_image(
     by IoU (Eq. 1, :func:`~partdistill.models.ranking.associate`), each pixel of the object going
     to its most confident one (argmax of mask × score among queries whose mask covers it); a
     query scoring at most ``score_threshold`` or covering under ``min_fraction`` of the object
-    is dropped (:func:`~partdistill.models.ranking.candidates`). Segments are disjoint and inside
-    the object."""
+    is dropped, and so is one covering more than ``max_fraction`` of it
+    (:func:`~partdistill.models.ranking.candidates`). Segments are disjoint and inside the object."""
     from partdistill.models.ranking import associate, candidates
 
     out: list[list[tuple[int, np.ndarray]]] = [[] for _ in objects]
@@ -149,7 +195,7 @@ def label_image(
         if len(mine) == 0:
             continue
         found = candidates(masks[mine], scores[mine], omask, score_threshold=score_threshold,
-                           min_fraction=min_fraction, mask_threshold=mask_threshold)
+                           min_fraction=min_fraction, mask_threshold=mask_threshold, max_fraction=max_fraction)
         out[o] = [(int(mine[q]), seg) for q, seg in zip(found.queries, found.segments, strict=True)]
     return out
 
@@ -165,6 +211,9 @@ def load_part_model(artifact: Any, device: str = "cpu"):
     model = MODELS.build(json.loads(artifact.file("model.json").read_text()))
     path = artifact.file("checkpoint.pth")
     check_and_load(model, load_state_dict(path), path)
+    # how the model was trained to see objects: their crops, or whole images (no file: whole images)
+    inference = artifact.path / "inference.json"
+    model.part_crop = crop_settings(json.loads(inference.read_text()).get("crop")) if inference.exists() else None
     return model.to(device).eval()
 
 
@@ -176,7 +225,8 @@ def proposal_labeller(cfg: Mapping[str, Any]) -> Callable[[Mapping[str, Any], Ma
         masks, scores = pred["masks"].cpu().numpy(), pred["scores"].cpu().numpy()
         feats = pred["query_features"].cpu().numpy()
         rows = []
-        found = label_image(masks, scores, objects, lab["score_threshold"], lab["mask_threshold"], lab["min_fraction"])
+        found = label_image(masks, scores, objects, lab["score_threshold"], lab["mask_threshold"], lab["min_fraction"],
+                            lab.get("max_fraction", 1.0))
         for inst, parts in zip(item["instances"], found, strict=True):
             for q, seg in parts:
                 rows.append({"instance_id": int(inst["instance_id"]), "image_id": int(item["image_id"]),
@@ -193,12 +243,24 @@ def label_images(model: Any, items: Sequence[Mapping[str, Any]], image_dir: Path
                  device: str, batch_size: int, max_pixels: int | None = None) -> list[dict[str, Any]]:
     """Run the model on a group of images and label their objects. items: per image {file_name,
     image_id, split, instances: [`instances` rows]}; each image's metainfo carries its objects'
-    classes (``object_classes``), which a class-conditioned model uses."""
+    classes (``object_classes``), which a class-conditioned model uses. A model with object
+    crops (``part_crop``) runs on each object's crop, and each object is labelled alone from the
+    queries of its own crop."""
     from partdistill.data.images import DEFAULT_MAX_PIXELS, load_rgb
-    from partdistill.models.part_model import predict_parts
+    from partdistill.models.part_model import predict_objects, predict_parts
 
     limit = max_pixels or DEFAULT_MAX_PIXELS
     rows: list[dict[str, Any]] = []
+    if getattr(model, "part_crop", None):
+        for it in items:
+            img = load_rgb(image_dir / it["file_name"], limit)
+            objects = [rle_to_mask({"size": [int(r["height"]), int(r["width"])], "counts": r["rle"]})
+                       for r in it["instances"]]
+            preds = predict_objects(model, img, objects, device, [int(i["class_id"]) for i in it["instances"]],
+                                    batch_size=batch_size)
+            for inst, obj, pred in zip(it["instances"], objects, preds, strict=True):
+                rows += labeller(pred, {**it, "instances": [inst]}, [obj])
+        return rows
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
         metas = [{"object_classes": sorted({int(i["class_id"]) for i in it["instances"]})} for it in batch]
@@ -211,11 +273,14 @@ def label_images(model: Any, items: Sequence[Mapping[str, Any]], image_dir: Path
 
 
 # ---------------------------------------------------------------------------------------- training
-def _train(ctx: StageContext, records: list[dict[str, Any]], work: Path, model_kwargs: Mapping[str, Any],
-           init_from: Path) -> dict[str, Any]:
-    """Train this round's PartModel (resuming from ``work``), starting from the checkpoint
-    ``init_from`` (a teacher's or a PartModel's: whatever fits is copied); returns
-    {state_dict, losses, iters, model, fresh_keys, resumed_from}."""
+def prepare_training(cfg: Mapping[str, Any], teacher: Any, records: list[dict[str, Any]], work: Path,
+                     model_kwargs: Mapping[str, Any], init_from: Path, device: str = "cpu",
+                     gpus: int = 1) -> tuple[Any, dict[str, Any], list[str]]:
+    """The mmengine training config of one round's PartModel on ``records`` (PartsDataset
+    entries), written into ``work``: (runner config, PartModel config, the keys left at their
+    fresh initialisation). ``cfg``: a `proposals` / `distill` section; ``teacher``: the `teacher`
+    artifact (its mmdet config); ``init_from``: the checkpoint the model starts from (a
+    teacher's or a PartModel's: whatever fits is copied)."""
     import torch
     from mmdet.registry import MODELS
     from mmengine.config import Config
@@ -224,10 +289,8 @@ def _train(ctx: StageContext, records: list[dict[str, Any]], work: Path, model_k
     from partdistill.models.part_model import model_config, teacher_init_state
     from partdistill.models.teacher import load_state_dict, register_mmdet
     from partdistill.models.train_parts import has_checkpoint, training_config
-    from partdistill.models.train_teacher import resume_iter, train
-    cfg = ctx.config
+
     register_mmdet()
-    teacher = ctx.inputs["teacher"]
     tcfg = Config.fromfile(str(teacher.file("mmdet_config.py")))
     lw = cfg["loss_weights"]
     mcfg = model_config(tcfg.model.to_dict(), num_queries=int(cfg["num_queries"]), num_points=int(cfg["num_points"]),
@@ -250,16 +313,32 @@ def _train(ctx: StageContext, records: list[dict[str, Any]], work: Path, model_k
         torch.save({"state_dict": state}, init)
         write_json_atomic(fresh_file, fresh)
     fresh: list[str] = json.loads(fresh_file.read_text())
-    device = ctx.runtime.get("device", "cpu")
     opt = cfg["optimizer"]
-    gpus = int(ctx.runtime.get("gpus", 1))
+    crop = crop_settings(cfg.get("crop"))
+    image_size = [crop["size"], crop["size"]] if crop else cfg["image_size"]
+    scale_range = cfg["crop"]["scale_range"] if crop else cfg["scale_range"]
     rcfg = training_config(
-        mcfg, ann, work / "runner", init, image_size=cfg["image_size"], max_iters=int(cfg["max_iters"]),
+        mcfg, ann, work / "runner", init, image_size=image_size, max_iters=int(cfg["max_iters"]),
         batch_size=int(cfg["batch_size"]), lr=opt["lr"], weight_decay=opt["weight_decay"],
-        clip_grad=opt["clip_grad"], accumulate=int(cfg["accumulate"]), scale_range=cfg["scale_range"],
+        clip_grad=opt["clip_grad"], accumulate=int(cfg["accumulate"]), scale_range=scale_range,
         flip=bool(cfg["flip"]), min_part_fraction=cfg["min_part_fraction"], seed=int(cfg["seed"]),
         checkpoint_interval=int(cfg["checkpoint_interval"]), amp=device == "cuda",
-        launcher="pytorch" if gpus > 1 else "none")
+        launcher="pytorch" if gpus > 1 else "none", warmup_iters=int(opt.get("warmup_iters", 50)),
+        milestones=opt.get("milestones", (0.8, 0.9)))
+    return rcfg, mcfg, fresh
+
+
+def _train(ctx: StageContext, records: list[dict[str, Any]], work: Path, model_kwargs: Mapping[str, Any],
+           init_from: Path) -> dict[str, Any]:
+    """Train this round's PartModel (resuming from ``work``), starting from the checkpoint
+    ``init_from``; returns {state_dict, losses, iters, model, fresh_keys, resumed_from}."""
+    from partdistill.models.train_teacher import resume_iter, train
+
+    cfg = ctx.config
+    device = ctx.runtime.get("device", "cpu")
+    gpus = int(ctx.runtime.get("gpus", 1))
+    rcfg, mcfg, fresh = prepare_training(cfg, ctx.inputs["teacher"], records, work, model_kwargs, init_from,
+                                         device, gpus)
     resumed_from = resume_iter(work / "runner")
     with ctx.progress.task(f"{ctx.stage} r{ctx.round}: training", total=int(cfg["max_iters"])) as bar:
         bar.advance(resumed_from)
@@ -346,7 +425,8 @@ def run_round(ctx: StageContext, spec: RoundSpec) -> dict[str, Any]:
     if not ctx.writer.shard_done("train"):
         start = time.monotonic()
         records, skipped = training_records(instances, spec.parts, data.path, cfg["train_splits"],
-                                            cfg["min_object_fraction"])
+                                            cfg["min_object_fraction"], crop_settings(cfg.get("crop")),
+                                            out / "work" / "crops")
         if not records:
             reasons = Counter(s["reason"].split(" (")[0] for s in skipped)
             raise NoTrainingData(
@@ -360,9 +440,11 @@ def run_round(ctx: StageContext, spec: RoundSpec) -> dict[str, Any]:
         save_checkpoint(out / "checkpoint.pth", result["state_dict"],
                              {"round": r, "iters": result["iters"], "fresh_keys": result["fresh_keys"]})
         write_json_atomic(out / "model.json", result["model"])
+        write_json_atomic(out / "inference.json", {"crop": crop_settings(cfg.get("crop"))})
         write_json_atomic(out / "losses.json", result["losses"])
         _plot_losses(result["losses"], out / "loss.png")
-        ctx.writer.complete_shard("train", ["checkpoint.pth", "model.json", "losses.json", "skipped.parquet"], meta={
+        ctx.writer.complete_shard("train", ["checkpoint.pth", "model.json", "inference.json", "losses.json",
+                                            "skipped.parquet"], meta={
             "images": len(records), "parts": sum(len(e["instances"]) for e in records),
             "instances_used": sum(1 for i in instances if i["split"] in cfg["train_splits"]) - len(skipped),
             "skipped": len(skipped), "skipped_reasons": dict(Counter(s["reason"].split(" (")[0] for s in skipped)),

@@ -4,11 +4,13 @@ pipeline mines for parts (paper §4.1).
 Reads: `data` (``instances_train.json`` — objects only — and ``images.parquet``).
 Writes:
 
-- ``teacher.json``        {source, mmdet_config (file in this artifact), checkpoint (path), class_names}
+- ``teacher.json``        {source, mmdet_config (file in this artifact), checkpoint (path), class_names: the
+                          classes the teacher's labels index, in label order (for a checkpoint: its config's)}
 - ``mmdet_config.py``     the teacher's mmdet config as used
 - ``checkpoint.pth``      {state_dict, meta}: tensors and built-ins only, loadable with weights_only
                           (source 'train' and 'random'; 'checkpoint' refers to the user's file instead)
-- ``metrics.json``        mask AP / AP50 / AP75 on the data's val split (pycocotools COCOeval)
+- ``metrics.json``        mask AP / AP50 / AP75 on the data's val split (pycocotools COCOeval), for any source
+                          whose classes the val objects share (by name)
 - ``loss.png``, ``losses.json``   the training curve (source 'train')
 
 Sources: 'train' trains the config on the data's object JSON with mmengine's Runner (the demo
@@ -98,6 +100,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 ckpt = resolve_path(cfg["checkpoint"])
             except FileNotFoundError as err:
                 raise CheckpointError(f"teacher.checkpoint: {err}") from None
+            check_sha256(ckpt, cfg.get("checkpoint_sha256"))
             if source == "detectron2":
                 from partdistill.models.convert import convert_checkpoint
 
@@ -106,14 +109,20 @@ def run(ctx: StageContext) -> dict[str, Any]:
             else:
                 record["checkpoint"] = str(ckpt)
                 record["checkpoint_bytes"] = ckpt.stat().st_size
-            record["class_names"] = None  # the checkpoint's own classes (from its config)
+            # build it as the later stages will: an unreadable checkpoint, or one of another model, fails
+            # now, naming the file and keys, not after hours of inference and not as a committed artifact.
+            # Its labels index the classes of its own config, in that config's order: record them, so that
+            # every later stage numbers classes by this one list (never, say, by sorted names).
+            record["class_names"] = None  # the checkpoint's own classes, from its config
+            loaded = load_teacher_from(out, record, "cpu", None)
+            record["class_names"] = list(loaded.class_names)
+            summary["classes"] = len(record["class_names"])
+            del loaded
 
     write_json_atomic(out / "teacher.json", record)
-    if source in ("checkpoint", "detectron2"):
-        # build it as the later stages will: an unreadable checkpoint, or one of another model, fails
-        # now, naming the file and keys, not after hours of inference and not as a committed artifact
-        load_teacher_from(out, record, "cpu", None)
-    if source in ("train", "random") and _has_val(data):
+    # a loaded teacher is scored too, on the data's classes it knows (by name), so a user sees whether
+    # it is any good on their data before hours of inference
+    if _has_val(data) and _shares_classes(record["class_names"], data):
         teacher = load_teacher_from(out, record, device, cfg.get("resize_long_side"))
         metrics = evaluate_masks(teacher, data, "val", ctx)
         write_json_atomic(out / "metrics.json", metrics)
@@ -129,10 +138,43 @@ def fingerprint(section: dict[str, Any]) -> dict[str, Any]:
         out["mmdet_config_sha256"] = hashlib.sha256(cfg_path.read_bytes()).hexdigest()
     if section.get("checkpoint"):
         ckpt = resolve_path(section["checkpoint"], must_exist=False)
-        if ckpt.is_file():
+        if section.get("checkpoint_sha256"):
+            # a checkpoint named by its content (the shipped demo teacher): the same version in every clone
+            out["checkpoint"] = {"sha256": section["checkpoint_sha256"]}
+        elif ckpt.is_file():
             st = ckpt.stat()
             out["checkpoint"] = {"path": str(ckpt), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
     return out
+
+
+def check_sha256(path: Path, expected: str | None) -> None:
+    """Raise CheckpointError naming the file when its sha256 is not ``expected`` (None: no check)."""
+    if not expected:
+        return
+    from partdistill.models.teacher import CheckpointError
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != expected:
+        raise CheckpointError(f"teacher.checkpoint {path}: sha256 {h.hexdigest()} is not the expected "
+                              f"teacher.checkpoint_sha256 {expected} (a corrupt or different file)")
+
+
+def teacher_class_names(artifact: Artifact) -> list[str]:
+    """The classes a `teacher` artifact's labels index, in label order. Artifacts made before
+    ``teacher.json`` recorded them for a checkpoint (``class_names: null``) get them from their
+    stored mmdet config, as the teacher is built (:func:`~partdistill.models.teacher.config_class_names`)."""
+    record = json.loads(artifact.file("teacher.json").read_text())
+    if record.get("class_names"):
+        return list(record["class_names"])
+    from mmengine.config import Config
+
+    from partdistill.models.teacher import config_class_names, register_mmdet
+
+    register_mmdet()
+    return config_class_names(Config.fromfile(str(artifact.file(record["mmdet_config"]))))
 
 
 def resolve_path(path: str | Path, must_exist: bool = True) -> Path:
@@ -185,7 +227,10 @@ def evaluate_masks(teacher, data: Artifact, split: str, ctx: StageContext | None
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(data.file(f"instances_{split}.json")))
     image_ids = sorted(gt.getImgIds())
-    cat_ids = sorted(gt.getCatIds())
+    # a label indexes the teacher's classes; its category is the JSON's one of that name (a class the
+    # JSON lacks has none, and its detections are not scored)
+    by_name = {c["name"]: c["id"] for c in gt.loadCats(gt.getCatIds())}
+    label_cat = [by_name.get(name) for name in teacher.class_names]
     results = []
     progress = ctx.progress if ctx is not None else NullProgress()
     with progress.task(f"teacher: mask AP on {split}", total=len(image_ids)) as bar:
@@ -194,7 +239,9 @@ def evaluate_masks(teacher, data: Artifact, split: str, ctx: StageContext | None
             imgs = [load_rgb(data.path / gt.imgs[j]["file_name"], limit) for j in ids]
             for image_id, pred in zip(ids, teacher.predict(imgs, layers=()), strict=True):
                 for mask, score, label in zip(pred.masks, pred.scores, pred.labels, strict=True):
-                    results.append({"image_id": image_id, "category_id": cat_ids[int(label)],
+                    if int(label) >= len(label_cat) or label_cat[int(label)] is None:
+                        continue
+                    results.append({"image_id": image_id, "category_id": label_cat[int(label)],
                                     "segmentation": mask_to_rle(mask), "score": float(score)})
             bar.advance(len(ids))
     if not results:
@@ -211,6 +258,12 @@ def evaluate_masks(teacher, data: Artifact, split: str, ctx: StageContext | None
 
 def _has_val(data: Artifact) -> bool:
     return "instances_val.json" in data.files
+
+
+def _shares_classes(class_names: list[str] | None, data: Artifact) -> bool:
+    """Whether the data's val objects have a class the teacher predicts (by name)."""
+    categories = json.loads(data.file("instances_val.json").read_text()).get("categories", [])
+    return bool(set(class_names or ()) & {c["name"] for c in categories})
 
 
 def _tail_mean(values: list[float], n: int = 25) -> float:
@@ -239,4 +292,13 @@ def _plot_losses(losses: list[float], path: Path) -> None:
     plt.close(fig)
 
 
-STAGE = Stage("teacher", ("data",), "2", run, fingerprint=fingerprint, summary="instance-segmentation teacher")
+def _relevant(section: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    # A checkpoint's teacher.json records its class names since this key: a new version for those
+    # sources only, so the teachers trained here keep theirs (their record always had the names).
+    if section["source"] in ("checkpoint", "detectron2"):
+        return {**section, "_class_names": "recorded"}
+    return section
+
+
+STAGE = Stage("teacher", ("data",), "2", run, fingerprint=fingerprint, summary="instance-segmentation teacher",
+              relevant=_relevant)

@@ -157,3 +157,29 @@ def test_class_conditioned_head_routes_gradients_to_its_slice():
     assert float(probs[:, :4].max()) < 1e-6 and torch.allclose(probs.sum(1), torch.ones(8))
     with pytest.raises(ValueError, match="outside the head's 3 classes"):
         predict_parts(model, [img], metas=[{"object_classes": [3]}])
+
+
+def test_predict_objects_with_crops_pastes_each_object_back_in_its_box():
+    from partdistill.models.object_crops import object_box
+    from partdistill.models.part_model import predict_objects
+
+    torch.manual_seed(0)
+    model, _ = _model(num_queries=8)
+    img, masks = _scene(np.random.default_rng(2))
+    objects = [masks[0] | masks[1], masks[2] | masks[3]]
+    whole = predict_objects(model, img, objects)
+    assert len(whole) == 2 and whole[0] is whole[1]          # one pass over the image serves both
+    assert whole[0]["masks"].shape == (8, *img.shape[:2])
+    crop = {"enabled": True, "size": 64, "margin": 0.1}
+    per_object = predict_objects(model, img, objects, crop=crop)
+    assert per_object[0] is not per_object[1]
+    for obj, pred in zip(objects, per_object, strict=True):
+        assert pred["masks"].shape == (8, *img.shape[:2]) and pred["scores"].shape == (8,)
+        y0, y1, x0, x1 = object_box(obj, 64, 0.1).region(img.shape[:2])
+        outside = pred["masks"].clone()
+        outside[:, y0:y1, x0:x1] = 0
+        assert float(outside.abs().max()) == 0.0 and float(pred["masks"][:, y0:y1, x0:x1].max()) > 0
+    # the model's own setting (load_part_model sets it from the artifact) is the default
+    model.part_crop = crop
+    again = predict_objects(model, img, objects)
+    assert torch.equal(again[1]["masks"], per_object[1]["masks"])

@@ -200,6 +200,12 @@ def test_candidates_pixel_winners_and_thresholds():
     np.testing.assert_array_equal(candidates(m, s, obj, min_fraction=0.0).queries, [0, 1, 2, 4])
     # lowering the score threshold lets q3 in
     np.testing.assert_array_equal(candidates(m, s, obj, score_threshold=0.1).queries, [0, 1, 3, 4])
+    # the paper's self-training guard: q0's 12 px are half the object, so 0.5 keeps it and 0.4 drops it,
+    # and its pixels go to nobody
+    np.testing.assert_array_equal(candidates(m, s, obj, max_fraction=0.5).queries, [0, 1, 4])
+    dropped = candidates(m, s, obj, max_fraction=0.4)
+    np.testing.assert_array_equal(dropped.queries, [1, 4])
+    assert (dropped.label_map[2:6, 2:5] == -1).all()
 
 
 def test_candidates_chunked_torch_and_empty(monkeypatch):

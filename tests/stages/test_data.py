@@ -24,7 +24,7 @@ def test_data_stage_writes_parts_world(tiny_cfg):
     assert sum(n.startswith("images/") for n in names) == 12
     table = read_parquet(art.file("images.parquet"))
     assert table.num_rows == 12 and set(table.column("split").to_pylist()) <= {"train", "val"}
-    assert art.manifest["evaluation_only"] == ["parts_train.json", "parts_val.json"]
+    assert art.manifest["evaluation_only"] == ["parts_train.json", "parts_val.json", "parts_test.json"]
     assert art.manifest["config"] == tiny_cfg["data"]
     assert art.manifest["code"]["package"]
     for split in ("train", "val"):

@@ -80,11 +80,33 @@ def test_object_parts_slices_by_class_and_merges():
     class_scores[0] = [0.0, 0.0, 0.8, 0.1, 0.1]   # class 1, cluster 0
     class_scores[1] = [0.9, 0.0, 0.7, 0.0, 0.1]   # class 0 would say cluster 0; class 1: cluster 0 again
     class_scores[2] = [0.0, 0.0, 0.0, 0.2, 0.8]   # mostly no-object
-    found = distill.object_parts(masks, class_scores, [obj], [1], k, score_threshold=0.3)
+    found = distill.object_parts(masks, class_scores, [obj], [1], k, score_threshold=0.3, score="cluster")
     assert len(found[0]) == 1
     part = found[0][0]
     assert part["cluster"] == 0 and set(part["queries"]) == {0, 1} and part["score"] == pytest.approx(0.8)
     assert part["mask"].sum() == obj.sum()
+    # 'class' (the default): a query's score is P(a part of class 1), the sum over the class's k logits
+    part = distill.object_parts(masks, class_scores, [obj], [1], k, score_threshold=0.3)[0][0]
+    assert part["cluster"] == 0 and part["score"] == pytest.approx(0.9)
+
+
+def test_object_parts_class_score_keeps_parts_split_over_clusters():
+    """Two confident part queries whose mass is shared by two clusters: no single cluster passes
+    0.5, their class does; and an object with no query over the threshold keeps all of them."""
+    h, w = 6, 6
+    obj = np.ones((h, w), bool)
+    masks = np.zeros((2, h, w), np.float32)
+    masks[0][:, :3] = 0.9
+    masks[1][:, 3:] = 0.9
+    k = 2
+    class_scores = np.array([[0.45, 0.4, 0.15], [0.35, 0.45, 0.2]], np.float32)
+    assert distill.object_parts(masks, class_scores, [obj], [0], k, 0.5, score="cluster")[0] != []  # fallback
+    by_cluster = distill.object_parts(masks, class_scores, [obj], [0], k, 0.5, score="class")[0]
+    assert [p["cluster"] for p in by_cluster] == [0, 1]
+    assert [p["score"] for p in by_cluster] == pytest.approx([0.85, 0.8])
+    assert all(p["mask"].sum() == 18 for p in by_cluster)
+    with pytest.raises(ValueError, match="score"):
+        distill.object_parts(masks, class_scores, [obj], [0], k, 0.5, score="best")
 
 
 def test_evaluate_scores_every_method_and_writes_the_report(full_run):

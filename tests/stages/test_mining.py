@@ -189,3 +189,104 @@ def test_mine_instances_records_skips(monkeypatch):
     mined = mining.mine_instances(rows[2:3], features.__getitem__, lambda name: image[:, :20],
                                   {**cfg, "crf": {"enabled": True}})
     assert mined.skipped[0]["reason"].startswith("image is")
+
+
+# --- colour-aware mining (mining.fusion, issue 14 §3) -------------------------------------------
+
+def _two_colour_case():
+    """One object whose teacher features are constant and whose colour has two halves."""
+    h, w, stride = 32, 48, 8
+    mask = np.zeros((h, w), bool)
+    mask[4:28, 4:44] = True
+    rng = np.random.default_rng(1)
+    # random features elsewhere, so that the features-only K-means has something to split
+    grid = rng.normal(size=(h // stride, w // stride, 8)).astype(np.float32)
+    meta = {"grid_y0": 0, "grid_x0": 0, "stride": stride, "scale_y": 1.0, "scale_x": 1.0}
+    image = np.zeros((h, w, 3), np.uint8)
+    image[:16], image[16:] = (200, 30, 30), (30, 30, 200)
+    cfg = {"k": 4, "metric": "cosine", "iters": 20, "seed": 0, "backend": "torch", "min_part_area": 16,
+           "crf": {"enabled": False}}
+    return [_row(mask, 7000)], {7000: (grid, meta)}, image, cfg
+
+
+def test_fusion_weights_zero_is_todays_mining(monkeypatch):
+    """Colour and position weight 0: the same rows as without `fusion`, whatever feature_weight,
+    and neither the images nor the fused features are touched."""
+    from partdistill.models import part_mining
+
+    rows, features, image, cfg = _two_colour_case()
+    today = mining.mine_instances(rows, features.__getitem__, None, cfg)
+    assert today.rows
+
+    def never(*args, **kwargs):
+        raise AssertionError("nothing is fused at colour and position weight 0")
+
+    monkeypatch.setattr(part_mining, "fused_features", never)
+    for fusion in ({"feature_weight": 1.0, "color_weight": 0.0, "position_weight": 0.0},
+                   {"feature_weight": 2.5, "color_weight": 0, "position_weight": 0.0}, {}):
+        again = mining.mine_instances(rows, features.__getitem__, never, {**cfg, "fusion": fusion})
+        assert again.rows == today.rows and again.skipped == today.skipped
+    monkeypatch.undo()
+
+    loaded = []
+    coloured = mining.mine_instances(rows, features.__getitem__, lambda name: loaded.append(name) or image,
+                                     {**cfg, "fusion": {"color_weight": 0.5}})
+    assert loaded == ["x.png"] and coloured.rows and coloured.rows != today.rows
+    with pytest.raises(ValueError, match="needs the images"):
+        mining.mine_instances(rows, features.__getitem__, None, {**cfg, "fusion": {"position_weight": 1.0}})
+    with pytest.raises(ValueError, match="unknown key"):
+        mining.mine_instances(rows, features.__getitem__, None, {**cfg, "fusion": {"colour_weight": 1.0}})
+    # an image of another size is a skip, as for the CRF
+    small = mining.mine_instances(rows, features.__getitem__, lambda name: image[:, :20],
+                                  {**cfg, "fusion": {"color_weight": 0.5}})
+    assert small.skipped[0]["reason"].startswith("image is") and not small.rows
+
+
+def test_colour_splits_constant_features_in_the_stage():
+    rows, features, image, cfg = _two_colour_case()
+    grid, meta = features[7000]
+    constant = {7000: (np.ones_like(grid), meta)}
+    plain = mining.mine_instances(rows, constant.__getitem__, None, {**cfg, "k": 2})
+    assert len(plain.rows) == 1  # constant features: one part
+    fused = mining.mine_instances(rows, constant.__getitem__, lambda name: image,
+                                  {**cfg, "k": 2, "fusion": {"color_weight": 0.5}})
+    masks = [rle_to_mask({"size": [32, 48], "counts": r["rle"]}) for r in fused.rows]
+    assert len(masks) == 2 and {(m[4:16, 4:44].all(), m[16:28, 4:44].all()) for m in masks} == {(True, False),
+                                                                                             (False, True)}
+
+
+def test_fusion_version():
+    """The version ignores `fusion` while nothing is fused (so it is the version mining had before
+    `fusion` existed) and follows every weight once something is, in both feature paths."""
+    from partdistill.config import load_config
+    from partdistill.pipeline import plan
+    from tests.conftest import DEMO_CONFIG
+
+    def version(options, drop_fusion=False):
+        cfg = load_config(DEMO_CONFIG, options)
+        if drop_fusion:
+            del cfg["mining"]["fusion"]
+        return {p.name: p.version for p in plan(cfg)}["mining"]
+
+    for base in ({}, {"mining.fused": True}):
+        before = version(base, drop_fusion=True)
+        assert version(base) == before == version({**base, "mining.fusion.feature_weight": 2.0})
+        fused = {w: version({**base, "mining.fusion.color_weight": w}) for w in (0.25, 0.5, 1.0)}
+        fused["position"] = version({**base, "mining.fusion.position_weight": 0.5})
+        fused["features x2"] = version({**base, "mining.fusion.color_weight": 0.5,
+                                        "mining.fusion.feature_weight": 2.0})
+        assert len(set(fused.values()) | {before}) == len(fused) + 1
+
+
+def test_colour_mining_on_the_tiny_run(mined):
+    """Through the pipeline: colour weight > 0 is a new artifact that keeps every guarantee; a
+    feature weight alone is the plain mining, reused."""
+    cfg, store, outcomes, _, (without, art_plain) = mined
+    instances_art = store.open("instances", outcomes["instances"].version)
+    _, same, _ = _mining(cfg, mining__crf__enabled=False, mining__fusion__feature_weight=3.0)
+    assert same.version == without.version and same.state != "computed"
+    _, coloured, art = _mining(cfg, mining__crf__enabled=False, mining__fusion__color_weight=0.5,
+                               mining__fusion__position_weight=0.25)
+    assert coloured.version != without.version
+    parts = _check_artifact(art, instances_art, cfg["mining"]["k"], crf=False)
+    assert len(parts) > 0 and coloured.summary["mined_instances"] > 0
