@@ -1,5 +1,6 @@
 """Colour-aware mining (issue 14 §3): K-means (k=4) inside ground-truth objects of Parts World val
-on the teacher's features, on CIELAB colour, and on both fused (``mining.fusion``).
+on the teacher's features, on colour (``mining.fusion.color_space``: CIELAB or the brightness-
+invariant RGB direction), and on both fused (``mining.fusion``).
 
     python benchmarks/color_mining.py --store /tmp/cm_store
     python benchmarks/color_mining.py --store /tmp/cm_store --copy-from store   # reuse a demo's teacher
@@ -53,9 +54,9 @@ GT_OBJECTS = {"instances.source": "gt", "instances.splits": [SPLIT], "instances.
               "mining.k": 4, "mining.crf.enabled": False}
 
 
-def fusion(feature: float = 1.0, color: float = 0.0, position: float = 0.0) -> dict[str, float]:
+def fusion(feature: float = 1.0, color: float = 0.0, position: float = 0.0, space: str = "lab") -> dict[str, Any]:
     return {"mining.fusion.feature_weight": feature, "mining.fusion.color_weight": color,
-            "mining.fusion.position_weight": position}
+            "mining.fusion.position_weight": position, "mining.fusion.color_space": space}
 
 
 def copy_upstream(cfg: Mapping[str, Any], source: Path, store: ArtifactStore) -> None:
@@ -83,8 +84,9 @@ def main() -> None:
     ap.add_argument("--config", default=str(REPO / "configs" / "demo_partsworld.py"))
     ap.add_argument("--store", default=None, help="artifact store root (default: the config's runtime.store)")
     ap.add_argument("--copy-from", default=None, help="store to copy the data and teacher artifacts from")
-    ap.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0],
+    ap.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
                     help="colour weights fused with the teacher's features (feature weight 1)")
+    ap.add_argument("--spaces", nargs="+", default=["lab", "rgb_direction"], help="mining.fusion.color_space values")
     ap.add_argument("--position", type=float, nargs="*", default=[0.25],
                     help="position weights, each with the best colour weight")
     ap.add_argument("--no-crf-rows", action="store_true", help="skip the rows with the dense CRF")
@@ -136,17 +138,27 @@ def main() -> None:
                                                                                    objects),
                  time.perf_counter() - start, rgb))
     add("teacher features only (default, fusion off)", fusion())
-    add("CIELAB colour only (feature 0, colour 1)", fusion(0.0, 1.0))
-    add("CIELAB colour + position 0.25 (no teacher)", fusion(0.0, 1.0, 0.25))
-    by_weight = {w: add(f"teacher + colour {w:g}", fusion(1.0, w)) for w in args.weights}
-    best = max(by_weight, key=lambda w: by_weight[w]["AR@10"])
     for p in args.position:
-        add(f"teacher + colour {best:g} + position {p:g}", fusion(1.0, best, p))
         add(f"teacher + position {p:g} (no colour)", fusion(1.0, 0.0, p))
+    best: dict[str, float] = {}
+    for space in args.spaces:
+        add(f"{space} colour only (feature 0, colour 1)", fusion(0.0, 1.0, 0.0, space))
+        for p in args.position:
+            add(f"{space} colour 1 + position {p:g} (no teacher)", fusion(0.0, 1.0, p, space))
+        by_weight = {w: add(f"teacher + {space} colour {w:g}", fusion(1.0, w, 0.0, space)) for w in args.weights}
+        best[space] = max(by_weight, key=lambda w: by_weight[w]["AR@10"])
+        for p in args.position:
+            add(f"teacher + {space} colour {best[space]:g} + position {p:g}", fusion(1.0, best[space], p, space))
     if not args.no_crf_rows:
-        add("teacher features only, + dense CRF (the stage's default)", {**fusion(), "mining.crf.enabled": True})
-        add(f"teacher + colour {best:g}, + dense CRF", {**fusion(1.0, best), "mining.crf.enabled": True})
-        add("CIELAB colour only, + dense CRF", {**fusion(0.0, 1.0), "mining.crf.enabled": True})
+        crf = {"mining.crf.enabled": True}
+        add("teacher features only, + dense CRF (the stage's default)", {**fusion(), **crf})
+        for space in args.spaces:
+            add(f"teacher + {space} colour {best[space]:g}, + dense CRF",
+                {**fusion(1.0, best[space], 0.0, space), **crf})
+            for p in args.position:
+                add(f"teacher + {space} colour {best[space]:g} + position {p:g}, + dense CRF",
+                    {**fusion(1.0, best[space], p, space), **crf})
+            add(f"{space} colour only, + dense CRF", {**fusion(0.0, 1.0, 0.0, space), **crf})
 
     teacher = base.get("teacher")
     cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], Path.cwd())] + sys.argv[1:])

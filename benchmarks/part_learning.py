@@ -49,7 +49,7 @@ import torch
 from partdistill.config import load_config
 from partdistill.data.images import load_rgb
 from partdistill.evaluation.metrics import average_recall, mask_iou
-from partdistill.evaluation.mined import instance_label_maps, match_instances, rgb_label_maps
+from partdistill.evaluation.mined import match_instances, rgb_label_maps
 from partdistill.evaluation.premise import GTObject, load_gt_objects
 from partdistill.models.object_crops import crop_settings
 from partdistill.models.part_model import predict_objects

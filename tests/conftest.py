@@ -26,7 +26,8 @@ DEMO_CONFIG = REPO / "configs" / "demo_partsworld.py"
 def tiny_options() -> dict:
     """Overrides that make the demo config's Parts World tiny (12 images in 3 shards)."""
     return {"data.partsworld.images": 12, "data.partsworld.width": 128, "data.partsworld.height": 96,
-            "data.partsworld.shard_size": 4, "teacher.source": "train",
+            "data.partsworld.shard_size": 4,
+            "teacher.source": "train",
             # a teacher that trains for a few iterations only: the tests check plumbing, not quality
             "teacher.train.max_iters": 3, "teacher.train.batch_size": 2, "teacher.train.image_size": [96, 128],
             "teacher.train.checkpoint_interval": 2}
@@ -54,7 +55,8 @@ def unbuilt_teacher(monkeypatch):
 
 
 TINY = {"data.partsworld.images": 12, "data.partsworld.width": 128, "data.partsworld.height": 96,
-        "data.partsworld.shard_size": 4, "teacher.source": "train", "teacher.train.max_iters": 3, "teacher.train.batch_size": 2,
+        "data.partsworld.shard_size": 4, "teacher.source": "train", "teacher.train.max_iters": 3,
+        "teacher.train.batch_size": 2,
         "teacher.train.image_size": [96, 128], "teacher.train.checkpoint_interval": 2,
         # a 3-iteration teacher is unsure of everything: keep whatever it finds
         "instances.score_threshold": 0.0, "instances.shard_images": 4, "features.shard_images": 4}
@@ -64,12 +66,13 @@ TINY = {"data.partsworld.images": 12, "data.partsworld.width": 128, "data.partsw
 # label thresholds so that a barely trained model still labels something).
 TINY_DISTILL = {
     "data.partsworld.images": 12, "data.partsworld.width": 128, "data.partsworld.height": 96,
-    "data.partsworld.shard_size": 4, "teacher.train.max_iters": 3, "teacher.train.batch_size": 2,
-    "teacher.train.image_size": [96, 128], "teacher.train.checkpoint_interval": 2,
+    "data.partsworld.shard_size": 4, "teacher.source": "train", "teacher.train.max_iters": 3,
+    "teacher.train.batch_size": 2, "teacher.train.image_size": [96, 128], "teacher.train.checkpoint_interval": 2,
     "instances.score_threshold": 0.0, "instances.source": "gt", "mining.crf.enabled": False,
     "proposals.rounds": 1, "proposals.num_queries": 8, "proposals.num_points": 256, "proposals.max_iters": 4,
     "proposals.batch_size": 2, "proposals.image_size": [96, 128], "proposals.label.score_threshold": 0.0,
-    "proposals.label.mask_threshold": 0.2, "ranking.score_threshold": 0.0, "distill.num_queries": 8,
+    "proposals.label.mask_threshold": 0.2, "proposals.label.max_fraction": 1.0, "ranking.score_threshold": 0.0,
+    "distill.num_queries": 8,
     "distill.num_points": 256, "distill.max_iters": 4, "distill.batch_size": 2, "distill.image_size": [96, 128],
     "distill.label.score_threshold": 0.0, "distill.label.mask_threshold": 0.2,
 }

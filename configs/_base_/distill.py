@@ -3,7 +3,7 @@
 # class + no-object); round 1 starts from the last proposals round. Same training keys as `proposals`.
 distill = dict(
     rounds=1,
-    num_queries=50,            # keep equal to proposals.num_queries: the queries start from the proposals model
+    num_queries=20,            # keep equal to proposals.num_queries: the queries start from the proposals model
     num_points=2048,
     importance_sample_ratio=0.75,
     freeze_pixel_decoder=True,
@@ -16,8 +16,8 @@ distill = dict(
     crop=dict(enabled=True, size=128, margin=0.15, scale_range=[0.8, 1.25]),  # as proposals.crop
     flip=True,
     loss_weights=dict(cls=2.0, mask=5.0, dice=5.0, no_object=0.1),
-    optimizer=dict(lr=1e-4, weight_decay=0.05, clip_grad=0.01, warmup_iters=50, milestones=[0.8, 0.9]),
-    max_iters=200,
+    optimizer=dict(lr=1e-3, weight_decay=0.05, clip_grad=0.01, warmup_iters=50, milestones=[0.8, 0.9]),
+    max_iters=500,
     batch_size=4,
     accumulate=1,
     checkpoint_interval=50,

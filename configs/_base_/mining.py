@@ -17,9 +17,11 @@ mining = dict(
     # unit-norm feature block it is the cosine distance, |a-b|^2 = 2 - 2 cos):
     fusion=dict(
         feature_weight=1.0,    # x the teacher's features, L2-normalised per cell (0: colour/position only)
-        color_weight=0.0,      # x CIELAB (sRGB, D65) of the cell: mean of the object's pixels in it, minus
-                               #   the object's mean, / 100 (fixed: L* spans 0..100; per object would
-                               #   blow a uniform object's noise up to a colour edge)
+        color_weight=0.0,      # x the cell's colour: the mean of the object's pixels in it, in color_space
+        color_space='lab',     # 'lab': CIELAB (sRGB, D65) minus the object's mean, / 100 (fixed: L* spans
+                               #   0..100; per object would blow a uniform object's noise up to a colour
+                               #   edge) | 'rgb_direction': sRGB / its L2 norm (unit norm like the features;
+                               #   brightness-invariant, what the raw-RGB floor's cosine K-means sees)
         position_weight=0.0,   # x the cell's (y, x) centre minus the object's centroid, / the object's
                                #   RMS radius (relative to its size)
     ),                         # pixels are then assigned with their own colour and position

@@ -251,7 +251,8 @@ def partimagenet_splits(root: Path | str, check_images: bool = True) -> list[Coc
                 for _, m in per_class[name][1:]:
                     union |= m
                 ys, xs = union.nonzero()
-                bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+                bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
+                        float(ys.max() - ys.min() + 1)]
                 objects.append({"id": next_object, "image_id": image_id, "category_id": classes.index(name) + 1,
                                 "segmentation": mask_to_rle(union), "area": int(union.sum()), "bbox": bbox,
                                 "iscrowd": 0})

@@ -139,6 +139,7 @@ def rgb_object(image: np.ndarray, mask: np.ndarray) -> ObjectFeatures:
 # block whatever the object; a per-object scale would blow a uniformly coloured object's noise up
 # to the size of a real colour edge and split it by noise.
 LAB_SCALE = 100.0
+COLOR_SPACES = ("lab", "rgb_direction")
 
 # sRGB (linear) → CIE XYZ, and the D65 reference white (IEC 61966-2-1)
 _RGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
@@ -167,7 +168,10 @@ class Fusion:
 
     Per cell (and per pixel at the assignment) the fused vector is the concatenation of
       feature_weight  x the teacher's features, L2-normalised (per cell; per pixel after upsampling),
-      color_weight    x its CIELAB colour minus the object's mean colour, / :data:`LAB_SCALE`,
+      color_weight    x its colour (``color_space``):
+                        'lab': CIELAB minus the object's mean colour, / :data:`LAB_SCALE`;
+                        'rgb_direction': sRGB / its L2 norm, the brightness-invariant colour that
+                        the raw-RGB floor's cosine K-means sees (unit norm like the feature block),
       position_weight x its (y, x) centre minus the object's centroid, / the object's RMS radius
                         (the RMS distance of its cells from their centroid): position relative
                         to the object's size, so a small and a large object split alike;
@@ -180,9 +184,14 @@ class Fusion:
     feature_weight: float = 1.0
     color_weight: float = 0.0
     position_weight: float = 0.0
+    color_space: str = "lab"
 
     def __post_init__(self) -> None:
+        if self.color_space not in COLOR_SPACES:
+            raise ValueError(f"mining.fusion.color_space must be one of {COLOR_SPACES}, got {self.color_space!r}")
         for f in fields(self):
+            if f.name == "color_space":
+                continue
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0:
@@ -208,10 +217,16 @@ def _cell_index(coords: np.ndarray, start: int, scale: float, stride: float, n: 
     return np.where((idx >= 0) & (idx < n), idx, -1)
 
 
-def cell_colors(obj: ObjectFeatures, image: np.ndarray) -> np.ndarray:
-    """Mean CIELAB colour per cell, float32 (gh, gw, 3): of the object's pixels in the cell; of all
-    its image pixels when none is the object's; the object's mean colour for a cell off the image.
-    image: uint8 (H, W, 3) RGB of the mask's size."""
+def pixel_colors(rgb: np.ndarray, space: str = "lab") -> np.ndarray:
+    """Colours to average per cell, float32 (..., 3), from uint8 RGB: CIELAB for 'lab', sRGB in
+    0..1 for 'rgb_direction' (normalised to unit length after averaging, see :func:`fused_features`)."""
+    return rgb_to_lab(rgb) if space == "lab" else np.asarray(rgb, np.float32) / 255.0
+
+
+def cell_colors(obj: ObjectFeatures, image: np.ndarray, space: str = "lab") -> np.ndarray:
+    """Mean colour per cell (:func:`pixel_colors`; CIELAB by default), float32 (gh, gw, 3): of the
+    object's pixels in the cell; of all its image pixels when none is the object's; the object's
+    mean colour for a cell off the image. image: uint8 (H, W, 3) RGB of the mask's size."""
     gh, gw = obj.grid.shape[:2]
     h, w = obj.mask.shape
     sy, sx = obj.scale
@@ -220,11 +235,11 @@ def cell_colors(obj: ObjectFeatures, image: np.ndarray) -> np.ndarray:
     rows, cols = np.nonzero(iy >= 0)[0], np.nonzero(ix >= 0)[0]
     out = np.zeros((gh * gw, 3), np.float64)
     ys, xs = np.nonzero(obj.mask)
-    object_mean = rgb_to_lab(image[ys, xs]).astype(np.float64).mean(0) if len(ys) else np.zeros(3)
+    object_mean = pixel_colors(image[ys, xs], space).astype(np.float64).mean(0) if len(ys) else np.zeros(3)
     if len(rows) and len(cols):
         # the cell index is monotonic in the pixel coordinate: the covered pixels are one rectangle
         r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        lab = rgb_to_lab(image[r0:r1, c0:c1]).reshape(-1, 3).astype(np.float64)
+        lab = pixel_colors(image[r0:r1, c0:c1], space).reshape(-1, 3).astype(np.float64)
         cell = (iy[r0:r1, None] * gw + ix[None, c0:c1]).ravel()
         inside = obj.mask[r0:r1, c0:c1].ravel()
         n_all = np.bincount(cell, minlength=gh * gw)
@@ -254,11 +269,15 @@ def fused_features(obj: ObjectFeatures, image: np.ndarray, fusion: Fusion
         cell_blocks.append(fusion.feature_weight * F.normalize(cell_features(obj), dim=1))
         pixel_blocks.append(fusion.feature_weight * F.normalize(pixel_feats, dim=1))
     if fusion.color_weight > 0:
-        cells = cell_colors(obj, image)[inside]
-        mean = cells.mean(0)
-        pixels = rgb_to_lab(image[yx[:, 0], yx[:, 1]])
-        cell_blocks.append(torch.from_numpy(fusion.color_weight * (cells - mean) / LAB_SCALE).float())
-        pixel_blocks.append(torch.from_numpy(fusion.color_weight * (pixels - mean) / LAB_SCALE).float())
+        cells = torch.from_numpy(cell_colors(obj, image, fusion.color_space)[inside]).float()
+        pixels = torch.from_numpy(pixel_colors(image[yx[:, 0], yx[:, 1]], fusion.color_space)).float()
+        if fusion.color_space == "lab":
+            mean = cells.mean(0)
+            cells, pixels = (cells - mean) / LAB_SCALE, (pixels - mean) / LAB_SCALE
+        else:  # a direction: unit norm, as the cosine K-means on raw RGB sees it (black stays 0)
+            cells, pixels = F.normalize(cells, dim=1), F.normalize(pixels, dim=1)
+        cell_blocks.append(fusion.color_weight * cells)
+        pixel_blocks.append(fusion.color_weight * pixels)
     if fusion.position_weight > 0:
         gh, gw = obj.grid.shape[:2]
         sy, sx = obj.scale

@@ -9,6 +9,11 @@ Reads: nothing. Writes (source 'partsworld'):
 - ``splits.json``                                 {"train": [file names], "val": [file names]}
 - ``preview.png``                                 images beside their object and part masks, for people
 
+Sources 'coco' (one instance JSON, or one per split, with part JSONs) and 'partimagenet' (its
+released folder layout) write ``images.parquet`` and ``instances_{split}.json`` /
+``parts_{split}.json`` with absolute image file names, after every file is read and checked
+(:mod:`partdistill.data.coco_splits`); their version covers every JSON read and the image roots.
+
 The part files are listed as evaluation-only in the manifest, and every stage but `evaluate`
 gets a view of this artifact that refuses to open them. Images are rendered in shards, each
 with a completion marker, so a killed run resumes at its first unfinished shard.

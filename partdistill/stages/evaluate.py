@@ -17,7 +17,12 @@ Methods, all from this run's artifacts:
 - ``proposals + ranking``: the `ranking` stage's class-specific clusters (pipeline objects only);
 - ``PartDistillation``: the last `distill` round's class-conditioned model.
 
-Writes ``metrics.json`` ({setting: {method: metrics}} plus the paper's numbers), ``table.md``,
+Writes ``predictions.json``: the final model's parts on the GT objects as a part-results file
+(:func:`partdistill.evaluation.score.write_results`; ``partdistill score`` on it gives the table's
+PartDistillation row with GT objects, to the last digit). Class ids are the run's one numbering,
+that of its `instances` artifact (:func:`~partdistill.stages.instances.read_object_classes`).
+Writes ``metrics.json`` ({setting: {method: metrics}} plus the paper's numbers, and how many
+objects the size filter dropped), ``table.md``,
 ``report.html`` with the tables, per-class overlays (``overlays/``) and 3×3 purity grids per part
 cluster (``purity/``, the paper's Fig. 5: nine objects of a class with the cluster's part lit).
 """

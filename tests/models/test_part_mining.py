@@ -75,6 +75,27 @@ def test_colour_splits_an_object_whose_features_are_constant():
     assert colour_only[4, 4] != colour_only[27, 4]
 
 
+def test_rgb_direction_ignores_brightness_lab_does_not():
+    """Two halves of one hue, one twice as bright as the other (a shaded or striped part):
+    'rgb_direction' keeps them together, CIELAB splits them; two hues split in both."""
+    obj = _object()
+    shaded = np.zeros((32, 48, 3), np.uint8)
+    shaded[:16], shaded[16:] = (200, 60, 20), (100, 30, 10)
+    lab_fusion = Fusion(feature_weight=0.0, color_weight=1.0)
+    direction = Fusion(feature_weight=0.0, color_weight=1.0, color_space="rgb_direction")
+    [by_lab] = mine_parts([obj], k=2, fusion=lab_fusion, images=[shaded])
+    [by_direction] = mine_parts([obj], k=2, fusion=direction, images=[shaded])
+    assert by_lab[4, 4] != by_lab[27, 4] and len(np.unique(by_lab[4:16, 4:44])) == 1
+    assert set(np.unique(by_direction[obj.mask])) == {0}
+    [hues] = mine_parts([obj], k=2, fusion=Fusion(color_weight=0.5, color_space="rgb_direction"),
+                        images=[_two_colours()])
+    assert hues[4, 4] != hues[27, 4] and len(np.unique(hues[16:28, 4:44])) == 1
+    # the block is unit-norm per cell and per pixel, times the weight
+    cells, _, pixels = fused_features(obj, shaded, Fusion(0.0, 3.0, 0.0, "rgb_direction"))
+    np.testing.assert_allclose(cells.norm(dim=1).numpy(), 3.0, rtol=1e-5)
+    np.testing.assert_allclose(pixels.norm(dim=1).numpy(), 3.0, rtol=1e-5)
+
+
 def test_position_splits_a_uniform_object_spatially():
     obj = _object()
     image = np.full((32, 48, 3), 120, np.uint8)
@@ -113,6 +134,8 @@ def test_fusion_config_is_checked():
     assert Fusion.from_config({"color_weight": 0.5}).active and Fusion(position_weight=1).active
     with pytest.raises(ValueError, match="unknown key"):
         Fusion.from_config({"colour_weight": 0.5})
+    with pytest.raises(ValueError, match="color_space must be one of"):
+        Fusion.from_config({"color_weight": 0.5, "color_space": "hsv"})
     with pytest.raises(ValueError, match="must be a number >= 0"):
         Fusion(color_weight=-1.0)
     with pytest.raises(ValueError, match="must be a number >= 0"):

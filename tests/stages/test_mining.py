@@ -275,6 +275,9 @@ def test_fusion_version():
         fused["position"] = version({**base, "mining.fusion.position_weight": 0.5})
         fused["features x2"] = version({**base, "mining.fusion.color_weight": 0.5,
                                         "mining.fusion.feature_weight": 2.0})
+        fused["rgb_direction"] = version({**base, "mining.fusion.color_weight": 0.5,
+                                          "mining.fusion.color_space": "rgb_direction"})
+        assert version({**base, "mining.fusion.color_space": "rgb_direction"}) == before
         assert len(set(fused.values()) | {before}) == len(fused) + 1
 
 

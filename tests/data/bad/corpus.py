@@ -596,6 +596,7 @@ def feed_cli(bench: Bench | None, path: Path) -> Outcome:
 def feed_teacher_checkpoint(bench: Bench, path: Path) -> Outcome:
     """``teacher.source='checkpoint'`` with this file: the `teacher` stage."""
     cfg = bench.config(bench.good_json, **{"teacher.source": "checkpoint", "teacher.checkpoint": str(path),
+                                          "teacher.checkpoint_sha256": None,
                                           "teacher.mmdet_config": str(DEMO_TEACHER)})
     outcomes, error, lost = bench.run(cfg, "teacher")
     return _error(error, lost) if error is not None else _no_error("teacher", lost)
