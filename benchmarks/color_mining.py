@@ -5,6 +5,7 @@ invariant RGB direction), and on both fused (``mining.fusion``).
     python benchmarks/color_mining.py --store /tmp/cm_store
     python benchmarks/color_mining.py --store /tmp/cm_store --copy-from store   # reuse a demo's teacher
     python benchmarks/color_mining.py --store /tmp/cm_store --weights 0.25 0.5 1 --no-crf-rows
+    python benchmarks/color_mining.py --store /tmp/cm_store --crf-weights 2 8 16 --per-class
 
 Every row but the floor is the `mining` stage itself (``run_pipeline(cfg, until="mining")``, one
 store, ``instances.source='gt'`` on the val split, the CRF off unless the row says so), scored
@@ -84,12 +85,14 @@ def main() -> None:
     ap.add_argument("--config", default=str(REPO / "configs" / "demo_partsworld.py"))
     ap.add_argument("--store", default=None, help="artifact store root (default: the config's runtime.store)")
     ap.add_argument("--copy-from", default=None, help="store to copy the data and teacher artifacts from")
-    ap.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
+    ap.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
                     help="colour weights fused with the teacher's features (feature weight 1)")
     ap.add_argument("--spaces", nargs="+", default=["lab", "rgb_direction"], help="mining.fusion.color_space values")
     ap.add_argument("--position", type=float, nargs="*", default=[0.25],
                     help="position weights, each with the best colour weight")
     ap.add_argument("--no-crf-rows", action="store_true", help="skip the rows with the dense CRF")
+    ap.add_argument("--crf-weights", type=float, nargs="*", default=None,
+                    help="colour weights that also get a row with the CRF (default: the best without it)")
     ap.add_argument("--per-class", action="store_true", help="AR@10 per object class")
     ap.add_argument("-o", "--cfg-options", action="append", default=[], help="key=value, for every row")
     args = ap.parse_args()
@@ -153,8 +156,8 @@ def main() -> None:
         crf = {"mining.crf.enabled": True}
         add("teacher features only, + dense CRF (the stage's default)", {**fusion(), **crf})
         for space in args.spaces:
-            add(f"teacher + {space} colour {best[space]:g}, + dense CRF",
-                {**fusion(1.0, best[space], 0.0, space), **crf})
+            for w in sorted({best[space], *(args.crf_weights or [])}):
+                add(f"teacher + {space} colour {w:g}, + dense CRF", {**fusion(1.0, w, 0.0, space), **crf})
             for p in args.position:
                 add(f"teacher + {space} colour {best[space]:g} + position {p:g}, + dense CRF",
                     {**fusion(1.0, best[space], p, space), **crf})
