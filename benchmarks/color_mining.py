@@ -50,8 +50,8 @@ from partdistill.stages.instances import read_instances
 from partdistill.storage import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
-SPLIT = "val"
-GT_OBJECTS = {"instances.source": "gt", "instances.splits": [SPLIT], "instances.min_object_fraction": 0.0,
+SPLIT = "val"  # --split train: the same rows on the train split, to check weights picked on val
+GT_OBJECTS = {"instances.source": "gt", "instances.min_object_fraction": 0.0,
               "mining.k": 4, "mining.crf.enabled": False}
 
 
@@ -94,13 +94,16 @@ def main() -> None:
     ap.add_argument("--crf-weights", type=float, nargs="*", default=None,
                     help="colour weights that also get a row with the CRF (default: the best without it)")
     ap.add_argument("--per-class", action="store_true", help="AR@10 per object class")
+    ap.add_argument("--split", default=SPLIT, help="the split whose GT objects are mined and scored")
     ap.add_argument("-o", "--cfg-options", action="append", default=[], help="key=value, for every row")
     args = ap.parse_args()
+    split = args.split
     torch.manual_seed(0)
     wall = time.perf_counter()
 
     def cfg_for(over: Mapping[str, Any]) -> dict[str, Any]:
-        cfg = load_config(args.config, {**GT_OBJECTS, **parse_options(args.cfg_options), **over})
+        cfg = load_config(args.config, {**GT_OBJECTS, "instances.splits": [split], **parse_options(args.cfg_options),
+                                        **over})
         if args.store:
             cfg["runtime"]["store"] = args.store
         return cfg
@@ -122,22 +125,22 @@ def main() -> None:
     rows: list[tuple[str, dict[str, float], float, dict[int, np.ndarray]]] = []
     cfg, base, seconds = run("teacher features only", fusion())
     data, instances = store.open("data", base["data"].version), store.open("instances", base["instances"].version)
-    objects = load_gt_objects(data.path, SPLIT)
-    inst_rows = [r for r in read_instances(instances).to_pylist() if r["split"] == SPLIT]
+    objects = load_gt_objects(data.path, split)
+    inst_rows = [r for r in read_instances(instances).to_pylist() if r["split"] == split]
     matches = match_instances(objects, inst_rows)
 
     def add(name: str, over: Mapping[str, Any]) -> dict[str, float]:
         _, out, secs = run(name, over)
-        maps = instance_label_maps(store.open("mining", out["mining"].version), SPLIT)
-        m = evaluate_label_maps(data.path, instances, maps, SPLIT, objects)
+        maps = instance_label_maps(store.open("mining", out["mining"].version), split)
+        m = evaluate_label_maps(data.path, instances, maps, split, objects)
         rows.append((name, m, secs, maps))
         return m
 
     mcfg = cfg["mining"]
     start = time.perf_counter()
-    rgb = rgb_label_maps(data.path, instances, SPLIT, k=4, metric=mcfg["metric"], seed=int(mcfg["seed"]),
+    rgb = rgb_label_maps(data.path, instances, split, k=4, metric=mcfg["metric"], seed=int(mcfg["seed"]),
                          min_part_area=int(mcfg["min_part_area"]))
-    rows.append(("raw-RGB K-means (floor; cosine, stride 1)", evaluate_label_maps(data.path, instances, rgb, SPLIT,
+    rows.append(("raw-RGB K-means (floor; cosine, stride 1)", evaluate_label_maps(data.path, instances, rgb, split,
                                                                                    objects),
                  time.perf_counter() - start, rgb))
     add("teacher features only (default, fusion off)", fusion())
@@ -171,7 +174,7 @@ def main() -> None:
           f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads); "
           f"{time.perf_counter() - wall:.0f} s in all")
     print()
-    print(f"Parts World {SPLIT}: {len(objects)} GT objects with parts in {len({o.image_id for o in objects})} "
+    print(f"Parts World {split}: {len(objects)} GT objects with parts in {len({o.image_id for o in objects})} "
           f"images; instances = GT objects; teacher {teacher.version if teacher else 'n/a'}, features "
           f"{'+'.join(cfg['features']['layers'])}; K-means k=4, {mcfg['iters']} iters, seed {mcfg['seed']}; "
           f"parts < {mcfg['min_part_area']} px dropped; no CRF unless said. Numbers in %.")

@@ -39,10 +39,15 @@ class _LogStream:
         self._file = file
 
     def write(self, text: str) -> int:
+        # a library handler made during the stage may outlive it (mmengine's logger keeps the
+        # stdout of its creation): after the stage its writes are dropped, never an error
+        if self._file.closed:
+            return len(text)
         return self._file.write(text)
 
     def flush(self) -> None:
-        self._file.flush()
+        if not self._file.closed:
+            self._file.flush()
 
     def isatty(self) -> bool:
         return False

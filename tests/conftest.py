@@ -72,6 +72,9 @@ TINY_DISTILL = {
     "proposals.rounds": 1, "proposals.num_queries": 8, "proposals.num_points": 256, "proposals.max_iters": 4,
     "proposals.batch_size": 2, "proposals.image_size": [96, 128], "proposals.label.score_threshold": 0.0,
     "proposals.label.mask_threshold": 0.2, "proposals.label.max_fraction": 1.0, "ranking.score_threshold": 0.0,
+    # a few iterations at the demo's lr 1e-3 push every mask under the thresholds; the old rate keeps
+    # the teacher-like masks these plumbing tests label
+    "proposals.optimizer.lr": 1e-4, "distill.optimizer.lr": 1e-4,
     "distill.num_queries": 8,
     "distill.num_points": 256, "distill.max_iters": 4, "distill.batch_size": 2, "distill.image_size": [96, 128],
     "distill.label.score_threshold": 0.0, "distill.label.mask_threshold": 0.2,

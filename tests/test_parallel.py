@@ -18,7 +18,8 @@ PROPOSALS = {"instances.source": "gt", "mining.shard_instances": 5, "proposals.r
              "proposals.num_queries": 8, "proposals.num_points": 256, "proposals.max_iters": 4,
              "proposals.batch_size": 2, "proposals.checkpoint_interval": 2,
              "proposals.image_size": [96, 128], "proposals.label.score_threshold": 0.0,
-             "proposals.label.mask_threshold": 0.2, "proposals.label.shard_images": 4}
+             "proposals.label.mask_threshold": 0.2, "proposals.label.shard_images": 4,
+             "proposals.label.max_fraction": 1.0, "proposals.optimizer.lr": 1e-4}
 
 
 def test_runtime_scale_out_settings_change_no_version():

@@ -292,6 +292,9 @@ def _relevant(section: dict[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]
     fusion = section.get("fusion") or {}
     if not any(_positive(fusion.get(key)) for key in ("color_weight", "position_weight")):
         section = {key: value for key, value in section.items() if key != "fusion"}
+    else:  # a weight of 16 and one of 16.0 give the same bytes, so the same version
+        section = {**section, "fusion": {key: float(value) if isinstance(value, int) and not isinstance(value, bool)
+                                         else value for key, value in fusion.items()}}
     # fused mining computes the features itself, so the features settings are part of its version
     return {**section, "_features": dict(cfg["features"])} if section["fused"] else section
 

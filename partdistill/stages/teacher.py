@@ -159,7 +159,8 @@ def check_sha256(path: Path, expected: str | None) -> None:
             h.update(block)
     if h.hexdigest() != expected:
         raise CheckpointError(f"teacher.checkpoint {path}: sha256 {h.hexdigest()} is not the expected "
-                              f"teacher.checkpoint_sha256 {expected} (a corrupt or different file)")
+                              f"teacher.checkpoint_sha256 {expected} (a corrupt or different file; for another "
+                              "checkpoint, set teacher.checkpoint_sha256 to its sha256, or to None)")
 
 
 def teacher_class_names(artifact: Artifact) -> list[str]:

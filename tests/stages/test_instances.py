@@ -98,7 +98,7 @@ def test_imagenet_folder_with_image_class_first(tmp_path, tiny_run):
     (root / "n02_car" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     cfg = load_config(DEMO_CONFIG, {**TINY, "data.source": "imagenet_folder", "data.imagenet_folder.root": str(root),
                                     "instances.image_class_first": True, "instances.min_object_fraction": 0.0,
-                                    "teacher.source": "checkpoint",
+                                    "teacher.source": "checkpoint", "teacher.checkpoint_sha256": None,
                                     "teacher.checkpoint": str(store0.open("teacher", outcomes["teacher"].version)
                                                               .file("checkpoint.pth"))})
     cfg["runtime"]["store"] = str(tmp_path / "store")

@@ -278,6 +278,7 @@ def test_fusion_version():
         fused["rgb_direction"] = version({**base, "mining.fusion.color_weight": 0.5,
                                           "mining.fusion.color_space": "rgb_direction"})
         assert version({**base, "mining.fusion.color_space": "rgb_direction"}) == before
+        assert version({**base, "mining.fusion.color_weight": 1}) == fused[1.0]
         assert len(set(fused.values()) | {before}) == len(fused) + 1
 
 

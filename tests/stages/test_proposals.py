@@ -26,7 +26,7 @@ OPTIONS = {"instances.source": "gt", "mining.crf.enabled": False, "proposals.num
            "proposals.checkpoint_interval": 2, "proposals.image_size": [96, 128],
            "proposals.label.score_threshold": 0.0, "proposals.label.mask_threshold": 0.2,
            # a 4-iteration decoder's queries cover whole objects: keep them (the guard is tested on its own)
-           "proposals.label.max_fraction": 1.0,
+           "proposals.label.max_fraction": 1.0, "proposals.optimizer.lr": 1e-4,
            "proposals.label.shard_images": 4}
 
 
