@@ -90,7 +90,8 @@ def main() -> None:
     cpu_paste = paste_probs(probs, box, (480, 640))
     gpu_paste, t_paste = timed(lambda: paste_probs(probs.cuda(), box, (480, 640)), "cuda")
     diff = float((gpu_paste.cpu() - cpu_paste).abs().max())
-    print(f"| crop paste-back, 20 queries into 640x480, CUDA | {1 / t_paste:,.0f} objects/s | max |CPU - CUDA| {diff:.1e} |")
+    print(f"| crop paste-back, 20 queries into 640x480, CUDA | {1 / t_paste:,.0f} objects/s "
+          f"| max |CPU - CUDA| {diff:.1e} |")
 
 
 if __name__ == "__main__":
