@@ -3,7 +3,7 @@
 # round n-1's pseudo-parts, starting from round n-1's weights.
 proposals = dict(
     rounds=2,
-    num_queries=20,            # part queries per object crop (the paper: 200 per image; measured: 20 learns faster than 50)
+    num_queries=20,            # part queries per object crop (the paper: 200 per image; 20 learns faster than 50)
     num_points=2048,           # points sampled per mask for matching and the mask losses (the paper: 12,544)
     importance_sample_ratio=0.75,
     freeze_pixel_decoder=True, # the reference freezes the backbone and the deformable encoder
