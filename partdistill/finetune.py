@@ -212,7 +212,7 @@ def model_spec(sources: Sources, num_classes: int) -> dict[str, Any]:
                         num_classes=int(num_classes), cls_weight=lw["cls"], mask_weight=lw["mask"],
                         dice_weight=lw["dice"], no_object_weight=lw["no_object"],
                         importance_sample_ratio=s["importance_sample_ratio"],
-                        freeze_pixel_decoder=bool(s["freeze_pixel_decoder"]))
+                        freeze_pixel_decoder=s["freeze_pixel_decoder"])
 
 
 def init_checkpoint(sources: Sources, init: str) -> Path:

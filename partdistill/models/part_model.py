@@ -29,6 +29,21 @@ from torch import Tensor
 from partdistill.models.part_decoder import PartDecoder
 
 
+# the pixel decoder's modules the reference keeps frozen with the backbone (mmdet's
+# MSDeformAttnPixelDecoder): the input projections, the deformable encoder and its level embedding
+_ENCODER_PARTS = ("input_convs", "encoder", "level_encoding")
+FREEZE_MODES = ("all", "encoder", "none")
+
+
+def _freeze_mode(value: bool | str) -> str:
+    """``freeze_pixel_decoder`` as one of :data:`FREEZE_MODES` (True is 'all', False 'none')."""
+    if value is True or value is False:
+        return "all" if value else "none"
+    if value not in FREEZE_MODES:
+        raise ValueError(f"freeze_pixel_decoder must be True, False or one of {FREEZE_MODES}, got {value!r}")
+    return str(value)
+
+
 @MODELS.register_module()
 class PartModel(BaseModel):
     """Frozen teacher backbone + part decoder, trained with mmengine's Runner.
@@ -38,7 +53,10 @@ class PartModel(BaseModel):
         head: the teacher's ``model.panoptic_head`` config (its architecture keys are used).
         data_preprocessor: the teacher's ``model.data_preprocessor`` config.
         num_queries, num_points, num_classes, loss weights: see :class:`PartDecoder`.
-        freeze_pixel_decoder: keep the teacher's pixel decoder fixed (the reference does).
+        freeze_pixel_decoder: what of the teacher's pixel decoder stays fixed: ``'encoder'`` (the
+            reference: its input projections and deformable encoder; the stride-4 lateral/output
+            convolutions and the mask-feature projection learn), ``True`` / ``'all'`` (all of it),
+            ``False`` / ``'none'`` (none).
         parts_per_class: k for the `distill` stage's class-conditioned head (num_classes = k × object
             classes; the images' ``object_classes`` select the logits), None for the proposals.
     """
@@ -47,7 +65,7 @@ class PartModel(BaseModel):
                  data_preprocessor: Mapping[str, Any] | None = None, num_queries: int = 200,
                  num_points: int = 12544, num_classes: int = 1, cls_weight: float = 2.0,
                  mask_weight: float = 5.0, dice_weight: float = 5.0, no_object_weight: float = 0.1,
-                 importance_sample_ratio: float = 0.75, freeze_pixel_decoder: bool = True,
+                 importance_sample_ratio: float = 0.75, freeze_pixel_decoder: bool | str = True,
                  parts_per_class: int | None = None, init_cfg: dict | None = None) -> None:
         super().__init__(data_preprocessor=dict(data_preprocessor) if data_preprocessor else None,
                          init_cfg=init_cfg)
@@ -61,14 +79,17 @@ class PartModel(BaseModel):
                                    dice_weight=dice_weight, no_object_weight=no_object_weight,
                                    importance_sample_ratio=importance_sample_ratio,
                                    parts_per_class=parts_per_class)
-        self.freeze_pixel_decoder = freeze_pixel_decoder
+        self.freeze_pixel_decoder = _freeze_mode(freeze_pixel_decoder)
         for p in self.frozen_modules().parameters():
             p.requires_grad_(False)
 
     def frozen_modules(self) -> torch.nn.ModuleList:
         mods = [self.backbone]
-        if self.freeze_pixel_decoder:
-            mods.append(self.decoder.head.pixel_decoder)
+        pixel = self.decoder.head.pixel_decoder
+        if self.freeze_pixel_decoder == "all":
+            mods.append(pixel)
+        elif self.freeze_pixel_decoder == "encoder":
+            mods += [m for m in (getattr(pixel, n, None) for n in _ENCODER_PARTS) if m is not None]
         return torch.nn.ModuleList(mods)
 
     def train(self, mode: bool = True) -> PartModel:
@@ -123,7 +144,7 @@ def teacher_init_state(model: PartModel, teacher_state: Mapping[str, Tensor]) ->
             state[key] = value.detach().clone()
             fresh.append(key)
     missing_frozen = [k for k in fresh if k.startswith("backbone.") or ".pixel_decoder." in k]
-    if missing_frozen and model.freeze_pixel_decoder:
+    if missing_frozen and model.freeze_pixel_decoder != "none":
         raise ValueError(f"the teacher checkpoint lacks {len(missing_frozen)} weights of the frozen backbone/pixel "
                          f"decoder (first: {', '.join(missing_frozen[:3])}): they would stay random")
     return state, fresh

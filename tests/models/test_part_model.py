@@ -183,3 +183,32 @@ def test_predict_objects_with_crops_pastes_each_object_back_in_its_box():
     model.part_crop = crop
     again = predict_objects(model, img, objects)
     assert torch.equal(again[1]["masks"], per_object[1]["masks"])
+
+
+@pytest.mark.parametrize("mode, learns", [
+    ("all", ()),
+    ("encoder", ("lateral_convs", "output_convs", "mask_feature")),
+    ("none", ("lateral_convs", "output_convs", "mask_feature", "encoder", "input_convs")),
+])
+def test_freeze_pixel_decoder_modes(mode, learns):
+    """'encoder' is the reference's split: the deformable encoder stays the teacher's, the stride-4
+    convolutions and the mask projection learn; 'none' trains the whole pixel decoder."""
+    model, _ = _model(freeze_pixel_decoder=mode)
+    model.train()
+    rng = np.random.default_rng(0)
+    images, masks = zip(*[_scene(rng) for _ in range(2)], strict=True)
+    sum(model(**_batch(model, list(images), list(masks)), mode="loss").values()).backward()
+    pixel = {n.split(".pixel_decoder.")[1].split(".")[0]: p for n, p in model.named_parameters()
+             if ".pixel_decoder." in n}
+    for name in {n.split(".pixel_decoder.")[1].split(".")[0] for n, _ in model.named_parameters()
+                 if ".pixel_decoder." in n}:
+        grads = [p.grad for n, p in model.named_parameters() if f".pixel_decoder.{name}." in n]
+        if name in learns:
+            assert any(g is not None and g.abs().sum() > 0 for g in grads), (mode, name)
+        elif mode != "none":
+            assert all(g is None for g in grads), (mode, name)
+    assert pixel and not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone."))
+    encoder_training = model.decoder.head.pixel_decoder.encoder.training
+    assert encoder_training == (mode == "none")
+    with pytest.raises(ValueError, match="freeze_pixel_decoder"):
+        _model(freeze_pixel_decoder="decoder")
