@@ -1,11 +1,12 @@
 """The trainable part model of the `proposals` and `distill` stages, and its training data.
 
 ``PartModel`` is an mmengine model: the teacher's backbone (frozen, in eval mode) feeding a
-:class:`~partdistill.models.part_decoder.PartDecoder` whose pixel decoder is frozen too, as the
-reference freezes the backbone and the deformable encoder. Only the transformer decoder, the
-query embeddings and the class/mask heads learn. Both frozen parts start from the teacher's
-weights (:func:`teacher_init_state`); so does the transformer decoder, except the class head,
-whose size differs, and the queries when their number differs.
+:class:`~partdistill.models.part_decoder.PartDecoder`. How much of the pixel decoder learns is
+``freeze_pixel_decoder``: the reference freezes the deformable encoder with the backbone and
+trains the rest ('encoder'); the stages' default trains all of it (False), by measurement
+(BENCHMARKS.md, issue 14). The transformer decoder, the query embeddings and the class/mask heads
+always learn. Everything starts from the teacher's weights (:func:`teacher_init_state`), except
+the class head, whose size differs, and the queries when their number differs.
 
 ``PartsDataset`` reads a JSON list of images with part masks (COCO RLE), which the stage writes
 into the training run's folder; ``FilterSmallParts`` is the reference's "a part must cover at
@@ -27,7 +28,6 @@ from mmengine.model import BaseModel
 from torch import Tensor
 
 from partdistill.models.part_decoder import PartDecoder
-
 
 # the pixel decoder's modules the reference keeps frozen with the backbone (mmdet's
 # MSDeformAttnPixelDecoder): the input projections, the deformable encoder and its level embedding

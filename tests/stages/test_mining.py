@@ -257,7 +257,8 @@ def test_colour_splits_constant_features_in_the_stage():
 
 def test_fusion_version():
     """The version ignores `fusion` while nothing is fused (so it is the version mining had before
-    `fusion` existed) and follows every weight once something is, in both feature paths."""
+    `fusion` existed) and follows every weight once something is, in both feature paths. The demo
+    config fuses colour, so each case starts from colour and position weights 0."""
     from partdistill.config import load_config
     from partdistill.pipeline import plan
     from tests.conftest import DEMO_CONFIG
@@ -268,7 +269,8 @@ def test_fusion_version():
             del cfg["mining"]["fusion"]
         return {p.name: p.version for p in plan(cfg)}["mining"]
 
-    for base in ({}, {"mining.fused": True}):
+    off = {"mining.fusion.color_weight": 0.0, "mining.fusion.position_weight": 0.0}
+    for base in (off, {**off, "mining.fused": True}):
         before = version(base, drop_fusion=True)
         assert version(base) == before == version({**base, "mining.fusion.feature_weight": 2.0})
         fused = {w: version({**base, "mining.fusion.color_weight": w}) for w in (0.25, 0.5, 1.0)}
@@ -287,10 +289,13 @@ def test_colour_mining_on_the_tiny_run(mined):
     feature weight alone is the plain mining, reused."""
     cfg, store, outcomes, _, (without, art_plain) = mined
     instances_art = store.open("instances", outcomes["instances"].version)
-    _, same, _ = _mining(cfg, mining__crf__enabled=False, mining__fusion__feature_weight=3.0)
-    assert same.version == without.version and same.state != "computed"
+    off = dict(mining__crf__enabled=False, mining__fusion__color_weight=0.0,
+               mining__fusion__position_weight=0.0)
+    _, plain, _ = _mining(cfg, **off)
+    _, same, _ = _mining(cfg, **off, mining__fusion__feature_weight=3.0)
+    assert same.version == plain.version and same.state != "computed"
     _, coloured, art = _mining(cfg, mining__crf__enabled=False, mining__fusion__color_weight=0.5,
                                mining__fusion__position_weight=0.25)
-    assert coloured.version != without.version
+    assert len({coloured.version, plain.version, without.version}) == 3
     parts = _check_artifact(art, instances_art, cfg["mining"]["k"], crf=False)
     assert len(parts) > 0 and coloured.summary["mined_instances"] > 0
