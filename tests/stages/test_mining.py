@@ -258,7 +258,8 @@ def test_colour_splits_constant_features_in_the_stage():
 def test_fusion_version():
     """The version ignores `fusion` while nothing is fused (so it is the version mining had before
     `fusion` existed) and follows every weight once something is, in both feature paths. The demo
-    config fuses colour, so each case starts from colour and position weights 0."""
+    config fuses `rgb_direction` colour, so each case starts from `lab` at colour and position
+    weights 0."""
     from partdistill.config import load_config
     from partdistill.pipeline import plan
     from tests.conftest import DEMO_CONFIG
@@ -269,7 +270,8 @@ def test_fusion_version():
             del cfg["mining"]["fusion"]
         return {p.name: p.version for p in plan(cfg)}["mining"]
 
-    off = {"mining.fusion.color_weight": 0.0, "mining.fusion.position_weight": 0.0}
+    off = {"mining.fusion.color_weight": 0.0, "mining.fusion.position_weight": 0.0,
+           "mining.fusion.color_space": "lab", "mining.fusion.feature_weight": 1.0}
     for base in (off, {**off, "mining.fused": True}):
         before = version(base, drop_fusion=True)
         assert version(base) == before == version({**base, "mining.fusion.feature_weight": 2.0})
