@@ -45,7 +45,7 @@ def test_runtime_settings_change_no_version():
 
 
 def test_select():
-    planned = plan(load_config(DEMO_CONFIG))
+    planned = plan(load_config(DEMO_CONFIG, {"proposals.rounds": 2}))
     assert [p.name for p in select(planned, until="instances")] == ["data", "teacher", "instances"]
     assert [p.name for p in select(planned, only="mining")] == ["mining"]
     assert len(select(planned)) == len(planned) and {p.stage_name for p in planned} == set(STAGES)
@@ -86,7 +86,8 @@ def test_status_tells_stale_from_missing(tiny_cfg):
     changed = {**tiny_cfg, "data": {**tiny_cfg["data"], "partsworld": {**tiny_cfg["data"]["partsworld"], "seed": 7}}}
     states = {r["stage"]: r["state"] for r in status(changed, store)}
     assert states["data"].startswith("stale (have ") and states["teacher"] == "missing"
-    assert {r["stage"] for r in status(changed, store)} >= {"proposals_r1", "proposals_r2", "distill_r1"}
+    rounds = tiny_cfg["proposals"]["rounds"]
+    assert {r["stage"] for r in status(changed, store)} >= {"proposals_r1", f"proposals_r{rounds}", "distill_r1"}
 
 
 def test_status_counts_a_partial_stage_s_shards(tiny_cfg, monkeypatch):

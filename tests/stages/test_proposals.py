@@ -21,8 +21,8 @@ from tests.stages.test_mining import _linked_store as linked_store
 UPSTREAM = ("data", "teacher", "instances", "features", "mining")
 # A tiny decoder that trains a few iterations: these tests check the plumbing, not quality.
 # Ground-truth objects (the 3-iteration teacher finds nothing reliable) and no CRF, for speed.
-OPTIONS = {"instances.source": "gt", "mining.crf.enabled": False, "proposals.num_queries": 8,
-           "proposals.num_points": 256, "proposals.max_iters": 4, "proposals.batch_size": 2,
+OPTIONS = {"proposals.rounds": 2, "instances.source": "gt", "mining.crf.enabled": False,
+           "proposals.num_queries": 8, "proposals.num_points": 256, "proposals.max_iters": 4, "proposals.batch_size": 2,
            "proposals.checkpoint_interval": 2, "proposals.image_size": [96, 128],
            "proposals.label.score_threshold": 0.0, "proposals.label.mask_threshold": 0.2,
            # a 4-iteration decoder's queries cover whole objects: keep them (the guard is tested on its own)
