@@ -16,7 +16,12 @@ from typing import Any
 
 
 def has_checkpoint(work_dir: str | Path) -> bool:
-    """Whether ``work_dir`` holds a checkpoint a run can resume from."""
+    """Whether ``work_dir`` holds a checkpoint a run can resume from (after repairing the pointer a
+    kill can leave empty)."""
+    from partdistill.models.train_teacher import repair_resume_pointer
+
+    if Path(work_dir).is_dir():
+        repair_resume_pointer(work_dir)
     last = Path(work_dir) / "last_checkpoint"
     return last.is_file() and Path(last.read_text().strip()).is_file()
 

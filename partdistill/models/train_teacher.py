@@ -156,7 +156,7 @@ def train(cfg, on_iter: Callable[[int, float], None] | None = None, device: str 
     from partdistill.faults import install_checkpoint_fault
 
     install_checkpoint_fault()
-    _repair_resume_pointer(Path(cfg.work_dir))
+    repair_resume_pointer(Path(cfg.work_dir))
     cfg = copy.deepcopy(cfg)
     if device == "cuda":
         cfg.optim_wrapper.type = "AmpOptimWrapper"
@@ -182,25 +182,35 @@ def train(cfg, on_iter: Callable[[int, float], None] | None = None, device: str 
     return {"state_dict": state, "losses": losses, "iters": runner.iter}
 
 
-def _repair_resume_pointer(work_dir: Path) -> None:
-    """A run killed between mmengine's checkpoint steps can leave ``last_checkpoint`` empty or
-    naming a file that is gone; point it at the newest checkpoint that is there, or remove it."""
+def repair_resume_pointer(work_dir: str | Path) -> None:
+    """A run killed between mmengine's checkpoint steps can leave ``last_checkpoint`` empty (the
+    file is created before it is written) or naming a file that is gone; point it at the newest
+    complete checkpoint that is there, or remove it. Called before anything decides whether to
+    resume, so that such a kill costs one checkpoint interval, not the whole run."""
     import re
+    import zipfile
 
+    work_dir = Path(work_dir)
     last = work_dir / "last_checkpoint"
     if not last.is_file() or Path(last.read_text().strip()).is_file():
         return
     found = sorted(work_dir.glob("iter_*.pth"), key=lambda p: int(re.search(r"(\d+)", p.name).group(1)))
-    if found:
-        last.write_text(str(found[-1]))
-    else:
-        last.unlink()
+    for candidate in reversed(found):
+        try:  # torch.save writes a zip whose directory comes last: a cut-off file has none
+            with zipfile.ZipFile(candidate):
+                pass
+        except (zipfile.BadZipFile, OSError):
+            continue
+        last.write_text(str(candidate))
+        return
+    last.unlink()
 
 
 def resume_iter(work_dir: str | Path) -> int:
     """The iteration of the checkpoint a run in ``work_dir`` would resume from (0: none)."""
     import re
 
+    repair_resume_pointer(work_dir)
     last = Path(work_dir) / "last_checkpoint"
     if not last.is_file() or not Path(last.read_text().strip()).is_file():
         return 0
