@@ -20,10 +20,8 @@ def has_checkpoint(work_dir: str | Path) -> bool:
     kill can leave empty)."""
     from partdistill.models.train_teacher import repair_resume_pointer
 
-    if Path(work_dir).is_dir():
-        repair_resume_pointer(work_dir)
-    last = Path(work_dir) / "last_checkpoint"
-    return last.is_file() and Path(last.read_text().strip()).is_file()
+    repair_resume_pointer(work_dir)  # leaves the pointer valid or removes it
+    return (Path(work_dir) / "last_checkpoint").is_file()
 
 
 def training_config(

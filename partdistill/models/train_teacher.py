@@ -210,9 +210,9 @@ def resume_iter(work_dir: str | Path) -> int:
     """The iteration of the checkpoint a run in ``work_dir`` would resume from (0: none)."""
     import re
 
-    repair_resume_pointer(work_dir)
+    repair_resume_pointer(work_dir)  # leaves the pointer valid or removes it
     last = Path(work_dir) / "last_checkpoint"
-    if not last.is_file() or not Path(last.read_text().strip()).is_file():
+    if not last.is_file():
         return 0
     match = re.search(r"iter_(\d+)\.pth$", last.read_text().strip())
     return int(match.group(1)) if match else 0
