@@ -13,7 +13,8 @@ distill = dict(
     min_part_fraction=0.05,
     image_size=[192, 256],
     scale_range=[0.5, 1.5],
-    crop=dict(enabled=True, size=128, margin=0.15, scale_range=[0.8, 1.25]),  # as proposals.crop
+    # as proposals.crop
+    crop=dict(enabled=True, size=128, margin=0.15, scale_range=[0.8, 1.25], box='largest_component'),
     flip=True,
     loss_weights=dict(cls=2.0, mask=5.0, dice=5.0, no_object=0.1),
     optimizer=dict(lr=1e-3, weight_decay=0.05, clip_grad=0.01, warmup_iters=50, milestones=[0.8, 0.9]),

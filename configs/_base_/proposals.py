@@ -20,8 +20,10 @@ proposals = dict(
     # Object-centric crops: each object is cut out in a square box (its bounding box + margin × its
     # side on every side), resized to size × size, and trained on, labelled and predicted alone;
     # the masks are pasted back into the image. The paper's regime (one large object per ImageNet
-    # photo) on scenes of small objects. enabled=False: the whole image is the input.
-    crop=dict(enabled=True, size=128, margin=0.15, scale_range=[0.8, 1.25]),
+    # photo) on scenes of small objects. enabled=False: the whole image is the input. box: around the
+    # whole mask ('mask') or its largest component ('largest_component': a predicted mask's stray blobs
+    # no longer shrink the object in its crop; BENCHMARKS.md, "Crop boxes from the teacher's masks").
+    crop=dict(enabled=True, size=128, margin=0.15, scale_range=[0.8, 1.25], box='largest_component'),
     flip=True,
     loss_weights=dict(cls=2.0, mask=5.0, dice=5.0, no_object=0.1),
     # AdamW; linear warm-up from 0.1 × lr over warmup_iters, then × 0.1 at each milestone (fractions of max_iters)

@@ -8,6 +8,13 @@ fixed side, and the part models run on that crop; their mask probabilities are r
 pasted into the image, so everything downstream (labelling, ranking, evaluation) works on
 full-image masks as before.
 
+Which pixels the box is drawn around (``crop.box``): ``'mask'``, the whole mask, or
+``'largest_component'``, the mask's largest 8-connected component. A predicted instance mask
+often carries stray blobs away from its object (two thirds of the demo teacher's matched val
+masks have more than one component, and 37 % of their boxes are over 1.3× the GT object's box):
+around the whole mask the object comes out small and off-centre in its crop. The crop is only
+the model's view; the masks stay clipped to the whole instance mask downstream.
+
 A box may reach past the image border (a square around a wide object near an edge): the pixels
 outside the image are zero (black) in the crop, and pasting back keeps only the part inside.
 """
@@ -48,16 +55,39 @@ def crop_settings(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not cfg or not cfg.get("enabled", False):
         return None
     size, margin = int(cfg["size"]), float(cfg["margin"])
+    box = cfg.get("box", "mask")  # an artifact written before the key existed: its boxes were the whole mask's
+    if box not in BOX_MODES:
+        raise ValueError(f"crop.box must be one of {BOX_MODES}, got {box!r}")
     if size < 32 or size % 32:
         raise ValueError(f"crop.size must be a multiple of 32 and at least 32, got {size}")
     if not 0.0 <= margin <= 2.0:
         raise ValueError(f"crop.margin must be in [0, 2] (a fraction of the object's box side), got {margin}")
-    return {"enabled": True, "size": size, "margin": margin}
+    return {"enabled": True, "size": size, "margin": margin, "box": box}
 
 
-def object_box(mask: np.ndarray, size: int, margin: float) -> CropBox:
+BOX_MODES = ("mask", "largest_component")
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """bool (H, W): the mask's largest 8-connected component (the mask itself when it has one)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if n <= 1:
+        return np.asarray(mask, bool)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    return labels == 1 + int(np.argmax(sizes))
+
+
+def object_box(mask: np.ndarray, size: int, margin: float, box: str = "mask") -> CropBox:
     """The square crop box of an object: centred on its bounding box, whose longer side plus
-    ``margin`` × that side on each side is the box's side (at least 8 px)."""
+    ``margin`` × that side on each side is the box's side (at least 8 px). ``box``: the bounding
+    box of the whole mask (``'mask'``) or of its largest component (``'largest_component'``)."""
+    if box not in BOX_MODES:
+        raise ValueError(f"box must be one of {BOX_MODES}, got {box!r}")
+    mask = np.asarray(mask, bool)
+    if box == "largest_component" and mask.any():
+        mask = largest_component(mask)
     ys, xs = np.nonzero(mask)
     if len(ys) == 0:
         raise ValueError("cannot crop around an empty object mask")

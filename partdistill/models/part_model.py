@@ -193,7 +193,7 @@ def predict_objects(model: PartModel, image: np.ndarray, objects: Sequence[np.nd
         metas = [{"object_classes": sorted({int(c) for c in classes})}] if classes is not None else None
         pred = predict_parts(model, [image], device, metas)[0]
         return [pred for _ in objects]
-    boxes = [object_box(np.asarray(m, bool), crop["size"], crop["margin"]) for m in objects]
+    boxes = [object_box(np.asarray(m, bool), crop["size"], crop["margin"], crop.get("box", "mask")) for m in objects]
     out: list[dict[str, Tensor]] = []
     for start in range(0, len(boxes), batch_size):
         group = list(range(start, min(start + batch_size, len(boxes))))

@@ -146,7 +146,8 @@ def _crop_entry(inst: Mapping[str, Any], parts: Sequence[Mapping[str, Any]], ima
     if crop_dir is None:
         raise ValueError("crop training needs a crop_dir to write the crops into")
     h, w = int(inst["height"]), int(inst["width"])
-    box = object_box(rle_to_mask({"size": [h, w], "counts": inst["rle"]}), crop["size"], crop["margin"])
+    box = object_box(rle_to_mask({"size": [h, w], "counts": inst["rle"]}), crop["size"], crop["margin"],
+                     crop.get("box", "mask"))
     crop_dir.mkdir(parents=True, exist_ok=True)
     path = crop_dir / f"{int(inst['instance_id'])}.png"
     Image.fromarray(crop_image(load_rgb(image_dir / inst["file_name"]), box)).save(path)

@@ -9,10 +9,20 @@ weighted k-means (k clusters, weights = scores, over the L2-normalised query fea
 gets its cluster by the Eq. 2 density score, and the segments of one object that fall into the
 same cluster are merged (union of masks, the highest score).
 
+What a part is clustered by (``part_features``):
+
+- ``'query'`` (the paper): the part decoder's decoded query feature of the candidate;
+- ``'teacher'``: the mean of the teacher's L2-normalised pixel features (the `features`
+  artifact, upsampled to pixels as mining does) under the candidate's mask: the signal that
+  the mining and the one-stage baseline cluster, pooled over a part. The query feature is
+  trained only to say "a part here, this shape" (the decoder is class-agnostic), not which part;
+- ``'both'``: the two, each L2-normalised, concatenated.
+
 A class with fewer distinct candidates than k gets one prototype per candidate, and a class
 without candidates none; both are recorded (``few_proposals``), never filled with random centroids.
 
-Reads: `instances` (object classes), the last `proposals` round. Writes:
+Reads: `instances` (object classes), the last `proposals` round, and `features` for
+``part_features`` 'teacher' or 'both'. Writes:
 
 - ``prototypes.parquet``  class_id:int, class_name:str, cluster:int, prototype:list<float>,
   weight:float (summed scores), size:int, k_eff:int, n_candidates:int, few_proposals:str|null
@@ -56,30 +66,36 @@ def pseudo_parts_file(artifact: Any) -> str:
     return names[0]
 
 
-def run(ctx: StageContext) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-
+def rank_parts(cfg: dict[str, Any], parts: list[dict[str, Any]], instances_art: Any, features: Any,
+               progress: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], list[Any]]:
+    """The stage's algorithm on a round's pseudo-parts (rows of ``pseudo_parts_r{n}.parquet``):
+    (prototype rows, labelled-part rows, per-class record, candidates). ``features``: the
+    `features` artifact, needed for ``part_features`` other than 'query'."""
     from partdistill.models.ranking import ClassRanking, fit_prototypes, ranked_scores
     from partdistill.stages.instances import read_instances
     from partdistill.storage import mask_to_rle, rle_to_mask
 
-    cfg = ctx.config
     k = int(cfg["k"])
-    out = ctx.writer.path
-    instances = {r["instance_id"]: r for r in read_instances(ctx.inputs["instances"]).select(
+    instances = {r["instance_id"]: r for r in read_instances(instances_art).select(
         ["instance_id", "class_id", "class_name", "area"]).to_pylist()}
-    proposals = ctx.inputs["proposals"]
-    parts = pq.read_table(proposals.file(pseudo_parts_file(proposals))).to_pylist()
-    candidates = [p for p in parts if p["score"] > cfg["score_threshold"]
+    candidates = [dict(p) for p in parts if p["score"] > cfg["score_threshold"]
                   and p["area"] >= cfg["min_part_fraction"] * instances[p["instance_id"]]["area"]]
     by_class: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for p in candidates:
         by_class[int(instances[p["instance_id"]]["class_id"])].append(p)
     names = {int(r["class_id"]): r["class_name"] for r in instances.values()}
-    dim = len(parts[0]["feature"]) if parts else 0
+    mode = cfg.get("part_features", "query")
+    if mode not in PART_FEATURES:
+        raise ValueError(f"ranking.part_features must be one of {PART_FEATURES}, got {mode!r}")
+    if mode != "query":
+        pooled = pooled_teacher_features(features, instances_art, candidates, progress)
+        for p, f in zip(candidates, pooled, strict=True):
+            q = np.asarray(p["feature"], np.float32)
+            p["feature"] = f if mode == "teacher" else np.concatenate([q / max(np.linalg.norm(q), 1e-12), f])
+    dim = len(candidates[0]["feature"]) if candidates else (len(parts[0]["feature"]) if parts else 0)
 
     prototype_rows, labeled, classes = [], [], {}
-    with ctx.progress.task("ranking: classes", total=len(names)) as bar:
+    with progress.task("ranking: classes", total=len(names)) as bar:
         for class_id in sorted(names):
             members = by_class.get(class_id, [])
             fit_on = [p for p in members if p["split"] in cfg["fit_splits"]]
@@ -115,6 +131,19 @@ def run(ctx: StageContext) -> dict[str, Any]:
             classes[str(class_id)] = record
             bar.advance(1)
 
+    return prototype_rows, labeled, classes, candidates
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    cfg = ctx.config
+    k = int(cfg["k"])
+    out = ctx.writer.path
+    proposals = ctx.inputs["proposals"]
+    parts = pq.read_table(proposals.file(pseudo_parts_file(proposals))).to_pylist()
+    prototype_rows, labeled, classes, candidates = rank_parts(
+        cfg, parts, ctx.inputs["instances"], ctx.inputs.get("features"), ctx.progress)
     write_parquet(out / "prototypes.parquet", {c: [r.get(c) for r in prototype_rows] for c in PROTOTYPE_SCHEMA.names},
                   PROTOTYPE_SCHEMA)
     write_parquet(out / "labeled_parts.parquet", {c: [r[c] for r in labeled] for c in LABELED_SCHEMA.names},
@@ -126,8 +155,66 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "objects_labelled": len({r["instance_id"] for r in labeled}), "few_proposal_classes": few}
 
 
+def pooled_teacher_features(features: Any, instances: Any, parts: list[dict[str, Any]],
+                            progress: Any) -> list[np.ndarray]:
+    """Per part, float32 (C,): the mean of its object's L2-normalised teacher pixel features under
+    its mask (upsampled from the stride-8 cells as mining does), L2-normalised. A part whose
+    instance has no features (or no pixel inside the instance) raises, naming the instance."""
+    import torch
+
+    from partdistill.models.part_mining import ObjectFeatures, pixel_features
+    from partdistill.stages.features import FeatureReader, instance_mask
+    from partdistill.stages.instances import read_instances
+    from partdistill.storage import rle_to_mask
+
+    reader = FeatureReader(features)
+    by_instance: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(parts):
+        by_instance[int(p["instance_id"])].append(i)
+    rows = {r["instance_id"]: r for r in read_instances(instances).to_pylist() if r["instance_id"] in by_instance}
+    out: list[np.ndarray | None] = [None] * len(parts)
+    with progress.task("ranking: pooling teacher features", total=len(by_instance)) as bar:
+        for iid, idx in by_instance.items():
+            try:
+                grid, meta = reader.get(iid)
+            except KeyError:
+                raise ValueError(f"ranking.part_features: instance {iid} has parts but no features in "
+                                 f"{features.path}") from None
+            mask = instance_mask(rows[iid])
+            obj = ObjectFeatures(grid, mask, int(meta["grid_y0"]), int(meta["grid_x0"]), float(meta["stride"]),
+                                 (float(meta["scale_y"]), float(meta["scale_x"])))
+            yx, feats = pixel_features(obj)
+            feats = torch.nn.functional.normalize(feats, dim=1).numpy()
+            where = np.full(mask.shape, -1, np.int64)
+            where[yx[:, 0], yx[:, 1]] = np.arange(len(yx))
+            for i in idx:
+                p = parts[i]
+                part = rle_to_mask({"size": [p["height"], p["width"]], "counts": p["rle"]})
+                sel = where[part & mask]
+                if len(sel) == 0:
+                    raise ValueError(f"ranking.part_features: a part of instance {iid} lies outside its mask")
+                f = feats[sel].mean(0)
+                out[i] = (f / max(float(np.linalg.norm(f)), 1e-12)).astype(np.float32)
+            bar.advance(1)
+    return out  # type: ignore[return-value]
+
+
 def read_classes(artifact: Any) -> dict[str, Any]:
     return json.loads(artifact.file("classes.json").read_text())
 
 
-STAGE = Stage("ranking", ("instances", "proposals"), "1", run, summary="class-specific part clusters")
+PART_FEATURES = ("query", "teacher", "both")
+
+
+def _upstream(section: dict[str, Any], cfg: Any) -> tuple[str, ...]:
+    return ("instances", "proposals") if section.get("part_features", "query") == "query" else \
+        ("instances", "features", "proposals")
+
+
+def _relevant(section: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    # the paper's query features are the default: a store made before the key existed keeps its version
+    return {k: v for k, v in section.items() if not (k == "part_features" and v == "query")}
+
+
+STAGE = Stage("ranking", ("instances", "features", "proposals"), "1", run, summary="class-specific part clusters",
+              upstream_for=_upstream, relevant=_relevant)

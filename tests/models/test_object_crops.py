@@ -71,3 +71,32 @@ def test_settings_checked():
         crop_settings({"enabled": True, "size": 128, "margin": -1})
     with pytest.raises(ValueError, match="empty"):
         object_box(np.zeros((8, 8), bool), 64, 0.1)
+
+
+def test_largest_component_box_ignores_stray_blobs():
+    m = np.zeros((100, 100), bool)
+    m[40:60, 40:60] = True          # the object
+    m[2:4, 95:98] = True            # a stray blob far away
+    whole = object_box(m, 64, 0.0)
+    main = object_box(m, 64, 0.0, "largest_component")
+    assert whole.side == 58          # rows 2..59
+    assert (main.y0, main.x0, main.side) == (40, 40, 20)
+    # one component: the same box either way
+    one = np.zeros((100, 100), bool)
+    one[10:30, 20:35] = True
+    assert object_box(one, 64, 0.1) == object_box(one, 64, 0.1, "largest_component")
+    # diagonal neighbours are one component (8-connectivity)
+    diag = np.zeros((10, 10), bool)
+    diag[2, 2] = diag[3, 3] = True
+    assert object_box(diag, 32, 0.0, "largest_component").side == 8
+    with pytest.raises(ValueError, match="box"):
+        object_box(m, 64, 0.0, "hull")
+
+
+def test_crop_settings_box_default_and_check():
+    # a model artifact written before the key existed cropped around the whole mask
+    assert crop_settings({"enabled": True, "size": 128, "margin": 0.1})["box"] == "mask"
+    assert crop_settings({"enabled": True, "size": 128, "margin": 0.1, "box": "largest_component"})["box"] \
+        == "largest_component"
+    with pytest.raises(ValueError, match="crop.box"):
+        crop_settings({"enabled": True, "size": 128, "margin": 0.1, "box": "hull"})

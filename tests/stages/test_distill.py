@@ -48,6 +48,56 @@ def test_ranking_labels_every_candidate_by_class(full_run):
         assert rec["k_eff"] <= 3 and (rec["few_proposals"] is None) == full
 
 
+def test_ranking_clusters_pooled_teacher_features(full_run):
+    """part_features='teacher': a part's feature is the mean of its object's normalised teacher
+    pixel features under its mask; the stage reads `features`, and the paper's default keeps the
+    version a config without the key has."""
+    import copy
+
+    import torch
+
+    from partdistill.models.part_mining import ObjectFeatures, pixel_features
+    from partdistill.pipeline import plan
+    from partdistill.progress import NullProgress
+    from partdistill.stages.features import FeatureReader, instance_mask
+
+    cfg, store, outcomes = full_run
+    old = copy.deepcopy(cfg)
+    del old["ranking"]["part_features"]
+    assert {p.name: p.version for p in plan(old)}["ranking"] == outcomes["ranking"].version
+    assert "features" not in store.open("ranking", outcomes["ranking"].version).manifest["inputs"]
+
+    tcfg = _cfg(cfg, **{"ranking.part_features": "teacher"})
+    done = {o.stage: o for o in run_pipeline(tcfg, store, until="ranking")}
+    art = store.open("ranking", done["ranking"].version)
+    assert done["ranking"].version != outcomes["ranking"].version
+    assert art.manifest["inputs"]["features"] == outcomes["features"].version
+    feats_art = store.open("features", outcomes["features"].version)
+    reader = FeatureReader(feats_art)
+    grid, meta = reader.get(next(iter(reader.index)))
+    for row in pq.read_table(art.file("prototypes.parquet")).to_pylist():
+        assert len(row["prototype"]) == grid.shape[-1]
+
+    # one candidate's pooled feature, by hand
+    proposals = store.open("proposals_r1", outcomes["proposals_r1"].version)
+    parts = pq.read_table(proposals.file(ranking.pseudo_parts_file(proposals))).to_pylist()
+    instances = store.open("instances", outcomes["instances"].version)
+    part = parts[0]
+    got = ranking.pooled_teacher_features(feats_art, instances, [dict(part)], NullProgress())[0]
+    inst = {r["instance_id"]: r for r in pq.read_table(instances.path / "instances").to_pylist()}[part["instance_id"]]
+    grid, meta = reader.get(part["instance_id"])
+    mask = instance_mask(inst)
+    yx, f = pixel_features(ObjectFeatures(grid, mask, int(meta["grid_y0"]), int(meta["grid_x0"]),
+                                          float(meta["stride"]), (float(meta["scale_y"]), float(meta["scale_x"]))))
+    f = torch.nn.functional.normalize(f, dim=1).numpy()
+    pm = rle_to_mask({"size": [part["height"], part["width"]], "counts": part["rle"]})
+    want = f[pm[yx[:, 0], yx[:, 1]]].mean(0)
+    np.testing.assert_allclose(got, want / np.linalg.norm(want), atol=1e-5)
+
+    with pytest.raises(ValueError, match="part_features"):
+        run_pipeline(_cfg(cfg, **{"ranking.part_features": "pixels"}), store, until="ranking")
+
+
 def test_distill_trains_the_class_conditioned_model(full_run):
     cfg, store, outcomes = full_run
     out = outcomes["distill_r1"]
