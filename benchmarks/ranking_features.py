@@ -30,9 +30,7 @@ import platform
 import shlex
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -44,32 +42,11 @@ from partdistill.evaluation.parts_eval import ObjectPrediction, from_label_map, 
 from partdistill.evaluation.premise import load_gt_objects
 from partdistill.pipeline import plan, store_for
 from partdistill.progress import NullProgress
-from partdistill.stages.evaluate import one_stage_maps
+from partdistill.stages.evaluate import one_stage_maps, ranked_predictions
 from partdistill.stages.instances import read_instances
 from partdistill.stages.ranking import pseudo_parts_file, rank_parts
-from partdistill.storage import rle_to_mask
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def ranked_predictions(labeled: list[dict[str, Any]], objects, matches, split: str) -> list[ObjectPrediction]:
-    """evaluate's "proposals + ranking" predictions from labelled-part rows."""
-    by_inst: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for r in labeled:
-        if r["split"] == split:
-            by_inst[r["instance_id"]].append(r)
-    out = []
-    for i, o in enumerate(objects):
-        if i not in matches:
-            out.append(ObjectPrediction(None))
-            continue
-        lm = np.full(o.mask.shape, -1, np.int32)
-        rows = sorted(by_inst.get(matches[i], []), key=lambda r: -r["score"])
-        masks = [rle_to_mask({"size": [r["height"], r["width"]], "counts": r["rle"]}) for r in rows]
-        for r, m in zip(rows[::-1], masks[::-1], strict=True):
-            lm[m] = r["label"]
-        out.append(ObjectPrediction(lm, masks, [r["score"] for r in rows]))
-    return out
 
 
 def main() -> None:

@@ -173,21 +173,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
         # ranking clusters (pipeline objects: the ranking labelled the pipeline's instances)
         labeled = pq.read_table(ctx.inputs["ranking"].file("labeled_parts.parquet")).to_pylist()
-        by_inst: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for r in labeled:
-            if r["split"] == split:
-                by_inst[r["instance_id"]].append(r)
-        ranked = []
-        for i, o in enumerate(objects):
-            if i not in matches:
-                ranked.append(ObjectPrediction(None))
-                continue
-            lm = np.full(o.mask.shape, -1, np.int32)
-            rows = sorted(by_inst.get(matches[i], []), key=lambda r: -r["score"])
-            masks = [rle_to_mask({"size": [r["height"], r["width"]], "counts": r["rle"]}) for r in rows]
-            for r, m in zip(rows[::-1], masks[::-1], strict=True):
-                lm[m] = r["label"]
-            ranked.append(ObjectPrediction(lm, masks, [r["score"] for r in rows]))
+        ranked = ranked_predictions(labeled, objects, matches, split)
         preds["pipeline"]["proposals + ranking"] = ranked
         if "features" in ctx.inputs and not external:
             one_stage = one_stage_maps(ctx.inputs["features"], read_instances(ctx.inputs["instances"]).to_pylist(),
@@ -328,6 +314,32 @@ def one_stage_maps(features: Any, instances: Sequence[Mapping[str, Any]], split:
             lm[yx[:, 0], yx[:, 1]] = c * k + np.asarray(assign(feats, centroids, metric)).astype(np.int32)
             out[int(r["instance_id"])] = lm
     return out
+
+
+def ranked_predictions(labeled: Sequence[Mapping[str, Any]], objects: Sequence[Any], matches: Mapping[int, int],
+                       split: str) -> list[Any]:
+    """The "proposals + ranking" predictions: per GT object, the labelled parts (rows of the
+    ranking's ``labeled_parts.parquet``) of its matched instance, best score first and painted
+    over the lower ones in the label map; an unmatched object predicts nothing."""
+    from partdistill.evaluation.parts_eval import ObjectPrediction
+    from partdistill.storage import rle_to_mask
+
+    by_inst: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in labeled:
+        if r["split"] == split:
+            by_inst[r["instance_id"]].append(r)
+    ranked = []
+    for i, o in enumerate(objects):
+        if i not in matches:
+            ranked.append(ObjectPrediction(None))
+            continue
+        lm = np.full(o.mask.shape, -1, np.int32)
+        rows = sorted(by_inst.get(matches[i], []), key=lambda r: -r["score"])
+        masks = [rle_to_mask({"size": [r["height"], r["width"]], "counts": r["rle"]}) for r in rows]
+        for r, m in zip(rows[::-1], masks[::-1], strict=True):
+            lm[m] = r["label"]
+        ranked.append(ObjectPrediction(lm, masks, [r["score"] for r in rows]))
+    return ranked
 
 
 def _r(v: float) -> float | None:
