@@ -279,7 +279,7 @@ def one_stage_maps(features: Any, instances: Sequence[Mapping[str, Any]], split:
 
     from partdistill.models.kmeans import assign, kmeans
     from partdistill.models.part_mining import ObjectFeatures, cell_features, pixel_features
-    from partdistill.stages.features import FeatureReader, instance_mask
+    from partdistill.stages.features import FeatureReader, instance_mask, object_features
 
     reader = FeatureReader(features)
 
@@ -289,8 +289,7 @@ def one_stage_maps(features: Any, instances: Sequence[Mapping[str, Any]], split:
         except KeyError:
             return None
         mask = instance_mask(row)
-        return ObjectFeatures(grid, mask, int(meta["grid_y0"]), int(meta["grid_x0"]), float(meta["stride"]),
-                              (float(meta["scale_y"]), float(meta["scale_x"]))) if mask.any() else None
+        return object_features(grid, meta, mask) if mask.any() else None
 
     by_class: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
     for r in instances:

@@ -229,6 +229,15 @@ class FeatureReader:
         return block.reshape(r["grid_h"], r["grid_w"], arr.shape[1]), r  # (0, 0, C) for an empty box
 
 
+def object_features(grid: np.ndarray, meta: dict[str, Any], mask: np.ndarray):
+    """The :class:`~partdistill.models.part_mining.ObjectFeatures` of one instance: its feature grid
+    and index row (``FeatureReader.get``) with its mask."""
+    from partdistill.models.part_mining import ObjectFeatures
+
+    return ObjectFeatures(grid, mask, int(meta["grid_y0"]), int(meta["grid_x0"]), float(meta["stride"]),
+                          (float(meta["scale_y"]), float(meta["scale_x"])))
+
+
 def instance_mask(row: dict[str, Any]) -> np.ndarray:
     """bool (H, W) mask of an `instances` row."""
     return rle_to_mask({"size": [row["height"], row["width"]], "counts": row["rle"]})

@@ -126,7 +126,7 @@ def mine_instances(
     from partdistill.data.images import ImageLoadError
     from partdistill.models.crf import CRFItem, CRFParams, refine_many
     from partdistill.models.part_mining import Fusion, ObjectFeatures, mine_parts
-    from partdistill.stages.features import instance_mask
+    from partdistill.stages.features import instance_mask, object_features
 
     out = MinedShard()
     k, min_area = int(cfg["k"]), int(cfg["min_part_area"])
@@ -159,8 +159,7 @@ def mine_instances(
         if reason is not None:
             out.skipped.append({"instance_id": row["instance_id"], "image_id": row["image_id"], "reason": reason})
             continue
-        obj = ObjectFeatures(grid, mask, int(meta["grid_y0"]), int(meta["grid_x0"]), float(meta["stride"]),
-                             (float(meta["scale_y"]), float(meta["scale_x"])))
+        obj = object_features(grid, meta, mask)
         kept.append((row, obj, image))
     out.seconds["read"] = time.perf_counter() - start
 

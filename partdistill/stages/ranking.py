@@ -162,8 +162,8 @@ def pooled_teacher_features(features: Any, instances: Any, parts: list[dict[str,
     instance has no features (or no pixel inside the instance) raises, naming the instance."""
     import torch
 
-    from partdistill.models.part_mining import ObjectFeatures, pixel_features
-    from partdistill.stages.features import FeatureReader, instance_mask
+    from partdistill.models.part_mining import pixel_features
+    from partdistill.stages.features import FeatureReader, instance_mask, object_features
     from partdistill.stages.instances import read_instances
     from partdistill.storage import rle_to_mask
 
@@ -181,8 +181,7 @@ def pooled_teacher_features(features: Any, instances: Any, parts: list[dict[str,
                 raise ValueError(f"ranking.part_features: instance {iid} has parts but no features in "
                                  f"{features.path}") from None
             mask = instance_mask(rows[iid])
-            obj = ObjectFeatures(grid, mask, int(meta["grid_y0"]), int(meta["grid_x0"]), float(meta["stride"]),
-                                 (float(meta["scale_y"]), float(meta["scale_x"])))
+            obj = object_features(grid, meta, mask)
             yx, feats = pixel_features(obj)
             feats = torch.nn.functional.normalize(feats, dim=1).numpy()
             where = np.full(mask.shape, -1, np.int64)
