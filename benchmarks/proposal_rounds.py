@@ -17,6 +17,10 @@ object is one "image", its predictions clipped to the GT object mask, and
   all Q query masks binarised at probability > 0.5, clipped to the object, empty ones dropped,
   ranked by score.
 
+- pseudo-parts of round n: what round n's model labelled on the instance matched to each GT
+  object (round n + 1's training parts), and targets of round n: the parts round n trained on,
+  when it carried parts over (``proposals.carry_over_iou``); scored like the mined parts.
+
 Every row is scored the same way: proposals clipped to the object, empty ones dropped (for the
 label-map rows, parts ranked by area, as ``evaluate_mined`` ranks them), AR@1 / AR@10 / AR@200
 with :func:`~partdistill.evaluation.metrics.average_recall` (k is capped by what a row has: AR@200
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from partdistill.config import load_config
@@ -53,8 +58,8 @@ from partdistill.evaluation.premise import GTObject, load_gt_objects
 from partdistill.models.part_model import predict_objects
 from partdistill.pipeline import plan, store_for
 from partdistill.stages.instances import read_instances
-from partdistill.stages.proposals import load_part_model
-from partdistill.storage import Artifact, ArtifactStore
+from partdistill.stages.proposals import TARGET_COLUMNS, TARGETS_FILE, load_part_model, pseudo_parts_name
+from partdistill.storage import Artifact, ArtifactStore, rle_to_mask
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_DETS = (1, 10, 200)
@@ -98,6 +103,24 @@ def label_map_proposals(objects: Sequence[GTObject], maps: Sequence[np.ndarray |
         inside, crop = o.mask[ys, xs], lm[ys, xs]
         parts = [(crop == i) & inside for i in ids[np.argsort(-counts, kind="stable")]]
         out.append([p for p in parts if p.any()])
+    return out
+
+
+def part_row_proposals(objects: Sequence[GTObject], matches: Mapping[int, int],
+                       rows: Sequence[Mapping[str, Any]]) -> list[list[np.ndarray]]:
+    """Per GT object, the part rows (instance_id, rle, area, height, width: a round's pseudo-parts
+    or training targets, which may overlap) of its matched instance, largest first, clipped to the
+    object and cropped to its box, empty ones dropped; an unmatched object has none."""
+    by_instance: dict[int, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        by_instance.setdefault(int(r["instance_id"]), []).append(r)
+    out: list[list[np.ndarray]] = []
+    for i, o in enumerate(objects):
+        parts = sorted(by_instance.get(matches[i], []), key=lambda r: -r["area"]) if i in matches else []
+        ys, xs = box(o.mask)
+        masks = [rle_to_mask({"size": [r["height"], r["width"]], "counts": r["rle"]})[ys, xs] & o.mask[ys, xs]
+                 for r in parts]
+        out.append([m for m in masks if m.any()])
     return out
 
 
@@ -238,10 +261,20 @@ def main() -> None:
     log(rows[-1][0], start)
 
     for name in rounds:
+        n = name.rsplit("_r", 1)[1]
+        # what round n learnt from when it carries targets over, and what it leaves the next round
+        # (teacher instances, like the mined parts)
+        targets = arts[name].path / TARGETS_FILE
+        for label, path in ((f"targets of round {n}", targets), (f"pseudo-parts of round {n}",
+                                                                 arts[name].file(pseudo_parts_name(int(n))))):
+            if path.exists():
+                table = pq.read_table(path).select(TARGET_COLUMNS).to_pylist()
+                split_ids = {r["instance_id"] for r in instances}
+                kept.append(part_row_proposals(objects, matches, [r for r in table if r["instance_id"] in split_ids]))
+                rows.append((f"{label} (teacher instances)", score_row(objects, kept[-1])))
         start = time.perf_counter()
         model = load_part_model(arts[name], device)
         proposals, maps = model_proposals(model, objects, data.path, device, set(shown))
-        n = name.rsplit("_r", 1)[1]
         kept.append(proposals)
         rows.append((f"proposals round {n}", score_row(objects, proposals)))
         columns.append((f"round {n}", maps))

@@ -101,7 +101,8 @@ def plan(cfg: Mapping[str, Any]) -> list[PlannedStage]:
             rinputs, rkeys = dict(inputs), dict(keys)
             if previous is not None:
                 rinputs[previous], rkeys[previous] = versions[previous], name
-            versions[rname] = content_version(name, {**hashed, "_round": n}, rinputs, stage.code_version)
+            rhashed = hashed if n > 1 else {k: v for k, v in hashed.items() if k not in stage.later_round_keys}
+            versions[rname] = content_version(name, {**rhashed, "_round": n}, rinputs, stage.code_version)
             planned.append(PlannedStage(rname, versions[rname], rinputs, section, stage.code_version, name, n, rkeys))
             previous = rname
         stored_as[name] = previous

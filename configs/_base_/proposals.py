@@ -12,6 +12,10 @@ proposals = dict(
     # 32.7 (False), for 92 / 104 / 135 s of training.
     freeze_pixel_decoder=False,
     round_init='previous',     # round n > 1 starts from: 'previous' (round n-1's model) | 'teacher'
+    # round n > 1 trains on round n-1's pseudo-parts plus each part round n-1 trained on that no
+    # pseudo-part of its object overlaps at IoU >= this (None: the pseudo-parts alone); 0.5 took
+    # round 2 from 24.1 to 28.9 AR@10 on the demo and 28.8 to 32.2 on quality (BENCHMARKS.md)
+    carry_over_iou=0.5,
     train_splits=['train'],
     min_object_fraction=0.05,  # objects must cover 5% of the image (the reference's filter)
     min_part_fraction=0.05,    # parts must cover 5% of the image's summed part area, after augmentation

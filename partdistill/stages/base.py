@@ -91,6 +91,9 @@ class Stage:
     # Keys of the section that only say how many rounds to run (kept out of each round's version,
     # so that asking for more rounds reuses the finished ones).
     round_keys: tuple[str, ...] = ()
+    # Keys that only say how round n > 1 builds on round n - 1 (kept out of round 1's version, so
+    # that changing them reuses a finished round 1).
+    later_round_keys: tuple[str, ...] = ()
 
     @property
     def built(self) -> bool:

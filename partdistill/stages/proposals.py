@@ -8,7 +8,9 @@ own artifact, ``proposals_r{n}``, so a failed round reruns alone and asking for 
 the finished ones.
 
 Training data: the instances of ``train_splits`` whose mask covers at least
-``min_object_fraction`` of the image, with their parts (mined, or the previous round's); after
+``min_object_fraction`` of the image, with their parts: the mined parts (round 1), or round
+n − 1's pseudo-parts, plus, when ``carry_over_iou`` is set, each part round n − 1 trained on that
+none of them overlaps at that IoU (:func:`carry_over`); after
 flip and large-scale-jitter augmentation, parts under ``min_part_fraction`` of the image's summed
 part area are dropped (the reference's filters).
 
@@ -27,6 +29,8 @@ Reads: `data` (images), `teacher` (its weights and config), `instances` (objects
 - ``pseudo_parts_r{n}.parquet``  one row per pseudo-part: instance_id:int64, image_id:int64,
   split:str, query:int16, score:float32, rle:str (COCO counts of the full-image mask), area:int64,
   height:int32, width:int32, feature:list<float32> (the query's decoded feature, ``C`` values)
+- ``targets.parquet``  (round n > 1 with ``carry_over_iou``) the parts the round trained on:
+  instance_id, rle, area, height, width
 - ``skipped.parquet``  instance_id, image_id, reason: training instances left out, and why
 - ``metrics.json``     training-set counts, losses, timings, pseudo-part statistics
 - ``losses.json``, ``loss.png``  the training curve; ``pseudo_parts.png`` a few labelled images
@@ -58,6 +62,8 @@ PSEUDO_SCHEMA = pa.schema([
     ("score", pa.float32()), ("rle", pa.string()), ("area", pa.int64()), ("height", pa.int32()),
     ("width", pa.int32()), ("feature", pa.list_(pa.float32())),
 ])
+TARGET_SCHEMA = pa.schema([("instance_id", pa.int64()), ("rle", pa.string()), ("area", pa.int64()),
+                           ("height", pa.int32()), ("width", pa.int32())])
 SKIPPED_SCHEMA = pa.schema([("instance_id", pa.int64()), ("image_id", pa.int64()), ("reason", pa.string())])
 
 
@@ -372,14 +378,62 @@ def _train_distributed(rcfg: Any, work: Path, gpus: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- stage
+TARGET_COLUMNS = ["instance_id", "rle", "area", "height", "width"]
+TARGETS_FILE = "targets.parquet"
+
+
+def carry_over(pseudo: Sequence[Mapping[str, Any]], previous: Sequence[Mapping[str, Any]],
+               max_iou: float) -> list[dict[str, Any]]:
+    """Round n's training parts: round n − 1's pseudo-parts, plus every part round n − 1 trained
+    on that none of its instance's pseudo-parts overlaps at IoU >= ``max_iou``.
+
+    Without it each round keeps only the parts its model scored above the label threshold, and
+    the parts per object fall round after round (BENCHMARKS.md, "Self-training rounds"); a target
+    the model missed stays a target until a prediction replaces it (the rule CutLER's
+    self-training uses for its masks). Rows carry ``TARGET_COLUMNS``; the pseudo-parts come
+    first, then the carried parts in their input order."""
+    from pycocotools import mask as mask_utils
+
+    def rle(row: Mapping[str, Any]) -> dict[str, Any]:
+        return {"size": [int(row["height"]), int(row["width"])], "counts": row["rle"].encode()}
+
+    found: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for row in pseudo:
+        found[int(row["instance_id"])].append(rle(row))
+    out = [{c: row[c] for c in TARGET_COLUMNS} for row in pseudo]
+    for row in previous:
+        mine = found.get(int(row["instance_id"]), [])
+        if mine:
+            best = float(np.max(mask_utils.iou([rle(row)], mine, [0] * len(mine))))
+            if best >= max_iou:
+                continue
+        out.append({c: row[c] for c in TARGET_COLUMNS})
+    return out
+
+
 def _part_rows(ctx: StageContext) -> list[dict[str, Any]]:
+    """This round's training parts: the mined parts (round 1); round n − 1's pseudo-parts, with
+    what it trained on and did not find when ``carry_over_iou`` is set (round n > 1)."""
     import pyarrow.parquet as pq
 
-    if ctx.round == 1:
-        table = pq.read_table(ctx.inputs["mining"].path / "mined_parts")
+    if ctx.round in (None, 1):
+        return pq.read_table(ctx.inputs["mining"].path / "mined_parts").select(TARGET_COLUMNS).to_pylist()
+    prev = ctx.inputs["proposals"]
+    pseudo = pq.read_table(prev.file(pseudo_parts_name(ctx.round - 1))).select(TARGET_COLUMNS).to_pylist()
+    max_iou = ctx.config.get("carry_over_iou")
+    if max_iou is None:
+        return pseudo
+    if ctx.round == 2:
+        previous = pq.read_table(ctx.inputs["mining"].path / "mined_parts")
     else:
-        table = pq.read_table(ctx.inputs["proposals"].file(pseudo_parts_name(ctx.round - 1)))
-    return table.select(["instance_id", "rle", "area", "height", "width"]).to_pylist()
+        path = prev.file(TARGETS_FILE)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: round {ctx.round - 1} kept no training parts to carry over; it was "
+                                    f"made with proposals.carry_over_iou unset: rerun it, or unset the key")
+        previous = pq.read_table(path)
+    rows = carry_over(pseudo, previous.select(TARGET_COLUMNS).to_pylist(), float(max_iou))
+    write_parquet(ctx.writer.path / TARGETS_FILE, {c: [r[c] for r in rows] for c in TARGET_COLUMNS}, TARGET_SCHEMA)
+    return rows
 
 
 @dataclass
@@ -563,4 +617,4 @@ def _rounds(section: dict[str, Any]) -> int:
 
 
 STAGE = Stage("proposals", ("data", "teacher", "instances", "mining"), "2", run, summary="part decoder",
-              rounds=_rounds, round_keys=("rounds",))
+              rounds=_rounds, round_keys=("rounds",), later_round_keys=("carry_over_iou",))

@@ -14,7 +14,7 @@ import pytest
 
 from partdistill.pipeline import plan, run_pipeline
 from partdistill.stages import proposals
-from partdistill.stages.proposals import NoTrainingData, label_image, training_records
+from partdistill.stages.proposals import NoTrainingData, carry_over, label_image, training_records
 from partdistill.storage import ArtifactStore, mask_to_rle, rle_to_mask
 from tests.stages.test_mining import _linked_store as linked_store
 
@@ -27,7 +27,9 @@ OPTIONS = {"proposals.rounds": 2, "instances.source": "gt", "mining.crf.enabled"
            "proposals.label.score_threshold": 0.0, "proposals.label.mask_threshold": 0.2,
            # a 4-iteration decoder's queries cover whole objects: keep them (the guard is tested on its own)
            "proposals.label.max_fraction": 1.0, "proposals.optimizer.lr": 1e-4,
-           "proposals.label.shard_images": 4}
+           "proposals.label.shard_images": 4,
+           # round 2 of the fixture trains on the pseudo-parts alone: carry-over has its own test
+           "proposals.carry_over_iou": None}
 
 
 def _cfg(cfg, **options):
@@ -100,6 +102,61 @@ def test_more_rounds_keep_the_finished_ones(two_rounds):
     ranking = next(p for p in plan(_cfg(cfg, **{"proposals.rounds": 3})) if p.name == "ranking")
     assert ranking.inputs["proposals_r3"] == three["proposals_r3"]
     assert ranking.input_keys["proposals_r3"] == "proposals"
+
+
+def test_carry_over_keeps_the_targets_a_round_missed(two_rounds, tmp_path):
+    """carry_over_iou: round 2 trains on round 1's pseudo-parts plus the mined parts none of them
+    found; round 3 carries from round 2's targets; round 1 keeps its version."""
+    cfg, store, outcomes = two_rounds
+    carry = _cfg(cfg, **{"proposals.carry_over_iou": 0.5, "proposals.rounds": 3})
+    versions = {p.name: p.version for p in plan(carry)}
+    assert versions["proposals_r1"] == outcomes["proposals_r1"].version, "the key only matters from round 2"
+    assert versions["proposals_r2"] != outcomes["proposals_r2"].version
+    other = linked_store(tmp_path, store, (*UPSTREAM, "proposals_r1"))
+    done = {o.stage: o for o in run_pipeline(carry, other, until="proposals")}
+    columns = proposals.TARGET_COLUMNS
+    mined = pq.read_table(store.open("mining", outcomes["mining"].version).path / "mined_parts").select(columns)
+    previous = mined.to_pylist()
+    for r in (2, 3):
+        prev_name = f"proposals_r{r - 1}"
+        pseudo = pq.read_table(other.open(prev_name, done.get(prev_name, outcomes[prev_name]).version)
+                               .file(f"pseudo_parts_r{r - 1}.parquet")).select(columns).to_pylist()
+        art = other.open(f"proposals_r{r}", done[f"proposals_r{r}"].version)
+        targets = pq.read_table(art.file(proposals.TARGETS_FILE))
+        assert targets.schema == proposals.TARGET_SCHEMA
+        rows = targets.to_pylist()
+        assert rows[:len(pseudo)] == pseudo, "every pseudo-part is a target"
+        carried = rows[len(pseudo):]
+        assert all(c in previous for c in carried)
+        # a carried target overlaps no pseudo-part of its instance at IoU >= 0.5; a dropped one does
+        found = {}
+        for p in pseudo:
+            found.setdefault(p["instance_id"], []).append(rle_to_mask({"size": [p["height"], p["width"]],
+                                                                       "counts": p["rle"]}))
+        for t in previous:
+            m = rle_to_mask({"size": [t["height"], t["width"]], "counts": t["rle"]})
+            best = max(((m & f).sum() / max((m | f).sum(), 1) for f in found.get(t["instance_id"], [])), default=0.0)
+            assert (t in carried) == (best < 0.5)
+        previous = rows
+
+
+def test_carry_over_rule():
+    h, w = 8, 8
+    def rle(m):
+        return mask_to_rle(m)["counts"]
+    a = np.zeros((h, w), bool)
+    a[:, :4] = True
+    b = ~a
+    top = np.zeros((h, w), bool)
+    top[:4, :3] = True
+    row = lambda inst, m: {"instance_id": inst, "rle": rle(m), "area": int(m.sum()), "height": h, "width": w}  # noqa: E731
+    pseudo = [row(1, a)]
+    previous = [row(1, a), row(1, b), row(1, top), row(2, a)]
+    out = carry_over(pseudo, previous, 0.5)
+    # a is found (IoU 1); b does not overlap; top overlaps a at IoU 12/32 < 0.5; instance 2 has no pseudo-part
+    assert out == [row(1, a), row(1, b), row(1, top), row(2, a)]
+    assert carry_over(pseudo, previous, 0.3) == [row(1, a), row(1, b), row(2, a)], "top's IoU 0.375 >= 0.3"
+    assert carry_over([], previous, 0.5) == previous
 
 
 def test_resume_after_a_kill(two_rounds, tmp_path):
