@@ -41,14 +41,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from proposal_rounds import box, score_row  # noqa: E402
+from proposal_rounds import box, open_artifacts, score_row  # noqa: E402
 
 from partdistill.config import load_config  # noqa: E402
 from partdistill.data.images import load_rgb  # noqa: E402
 from partdistill.evaluation.mined import match_instances  # noqa: E402
 from partdistill.evaluation.premise import load_gt_objects  # noqa: E402
 from partdistill.models.part_model import predict_objects  # noqa: E402
-from partdistill.pipeline import plan, store_for  # noqa: E402
+from partdistill.pipeline import store_for  # noqa: E402
 from partdistill.stages.instances import read_instances  # noqa: E402
 from partdistill.stages.proposals import label_image, load_part_model  # noqa: E402
 from partdistill.storage import rle_to_mask  # noqa: E402
@@ -126,16 +126,10 @@ def main() -> None:
     wall = time.perf_counter()
     cfg = load_config(args.config, args.cfg_options)
     store = store_for(cfg, args.store)
-    planned = {p.name: p for p in plan(cfg)}
     name = f"proposals_r{args.round}"
-    if name not in planned:
+    arts = open_artifacts(cfg, store, f"partdistill run {args.config} --until {name} --store {store.root}")
+    if name not in arts:
         sys.exit(f"label_rules: the config plans no {name} (-o proposals.rounds=N)")
-    arts = {}
-    for n in ("data", "instances", name):
-        if not store.is_complete(n, planned[n].version):
-            sys.exit(f"label_rules: {store.root} has no complete {n} {planned[n].version}; make it with\n  "
-                     f"partdistill run {args.config} --until {name} --store {store.root}")
-        arts[n] = store.open(n, planned[n].version)
     device = cfg["runtime"].get("device", "cpu")
     objects = load_gt_objects(arts["data"].path, args.split)
     instances = {r["instance_id"]: r for r in read_instances(arts["instances"]).to_pylist()
