@@ -7,6 +7,10 @@ distill = dict(
     num_points=2048,
     importance_sample_ratio=0.75,
     freeze_pixel_decoder=False,  # as proposals.freeze_pixel_decoder
+    # round 1's class head: 'random', or 'prototypes': from the ranking's prototypes (nearest prototype
+    # as a linear layer on the query feature, temperature × cosine-like scores), so that the model
+    # starts where "proposals + ranking" is and training refines it
+    head_init=dict(mode='random', temperature=10.0),
     round_init='previous',     # round n > 1 starts from: 'previous' (round n-1) | 'proposals'
     train_splits=['train'],
     min_object_fraction=0.05,

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from partdistill.models.ranking import fit_prototypes
 from partdistill.pipeline import run_pipeline
 from partdistill.stages import distill, ranking
 from partdistill.storage import rle_to_mask
@@ -115,6 +116,63 @@ def test_distill_trains_the_class_conditioned_model(full_run):
         assert r["class_id"] == inst["class_id"], "a part's cluster belongs to its object's class"
         obj = rle_to_mask({"size": [inst["height"], inst["width"]], "counts": inst["rle"]})
         assert not (rle_to_mask({"size": [r["height"], r["width"]], "counts": r["rle"]}) & ~obj).any()
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_prototype_head_starts_where_the_ranking_is():
+    rng = np.random.default_rng(0)
+    dim, k, n_bar = 16, 3, 4.0
+    part_w, part_b = rng.normal(size=(2, dim)), np.array([0.5, -0.2])
+    # class 0: three prototypes fitted on normalised features; class 1: two (k_eff < k); class 2: none
+    protos = {0: fit_prototypes(rng.normal(size=(40, dim)), k=3).prototypes,
+              1: fit_prototypes(rng.normal(size=(40, dim)), k=2).prototypes}
+    feats = {c: n_bar * _unit(rng.normal(size=(60, dim))) for c in (0, 1)}
+    weight, bias, stats = distill.prototype_head(part_w, part_b, protos, k, 3, feats, temperature=10.0)
+    assert weight.shape == (3 * k + 1, dim) and bias.shape == (3 * k + 1,)
+    np.testing.assert_allclose(weight[-1], part_w[1])
+    assert bias[-1] == pytest.approx(part_b[1])
+    assert stats["feature_norm"] == pytest.approx(n_bar)
+    assert stats["nearest_prototype_agreement"] == 1.0  # every feature has the norm n̄
+    for c in (0, 1):
+        x = feats[c]
+        logits = x @ weight.T + bias
+        mu = protos[c]
+        nearest = np.linalg.norm(_unit(x)[:, None] - mu[None], axis=2).argmin(1)
+        assert (logits[:, c * k:c * k + len(mu)].argmax(1) == nearest).all()
+        # the clusters' summed probability is the proposals' P(part), on average over the class's features
+        allowed = np.r_[c * k:(c + 1) * k, 3 * k]
+        p_class = _softmax(logits[:, allowed])[:, :-1].sum(1)
+        p_part = _softmax(x @ part_w.T + part_b)[:, 0]
+        assert abs(np.log(p_class / (1 - p_class)).mean() - np.log(p_part / (1 - p_part)).mean()) < 1e-6
+    assert (bias[k + 2] < bias[k:k + 2] - 10).all(), "a cluster class 1 lacks is never chosen"
+    np.testing.assert_allclose(weight[2 * k:3 * k], np.repeat(part_w[:1], k, 0))
+    np.testing.assert_allclose(bias[2 * k:3 * k], part_b[0] - np.log(k))
+    with pytest.raises(ValueError, match="2-way head"):
+        distill.prototype_head(part_w[:1], part_b, protos, k, 3, feats, 10.0)
+
+
+def test_distill_head_from_prototypes(full_run):
+    cfg, store, outcomes = full_run
+    cfg = _cfg(cfg, **{"distill.head_init.mode": "prototypes", "distill.max_iters": 1})
+    out = {o.stage: o for o in run_pipeline(cfg, store)}["distill_r1"]
+    assert out.version != outcomes["distill_r1"].version
+    art = store.open("distill_r1", out.version)
+    head = json.loads(art.file("head_init.json").read_text())
+    assert head["mode"] == "prototypes" and head["feature_norm"] > 0
+    assert 0.5 <= head["nearest_prototype_agreement"] <= 1.0
+    assert out.summary["head_init"] == head
+    assert not (art.path / "work").exists()
+    with pytest.raises(ValueError, match="head_init.mode"):
+        run_pipeline(_cfg(cfg, **{"distill.head_init.mode": "bogus"}), store)
 
 
 def test_object_parts_slices_by_class_and_merges():
