@@ -44,6 +44,24 @@ def test_runtime_settings_change_no_version():
     assert before == after
 
 
+def test_paper_defaults_of_new_keys_keep_old_versions():
+    """A key added with the paper's behaviour as its default leaves existing stores' versions
+    alone; choosing the other behaviour moves the stage and what follows it."""
+    def versions(cfg):
+        return {p.name: p.version for p in plan(cfg)}
+
+    cfg = load_config(DEMO_CONFIG)
+    base = versions(cfg)
+    without = {**cfg, "proposals": {**cfg["proposals"], "label": {k: v for k, v in cfg["proposals"]["label"].items()
+                                                                   if k != "pixel_rule"}},
+               "distill": {k: v for k, v in cfg["distill"].items() if k != "head_init"}}
+    assert versions(without) == base
+    by_mask = versions(load_config(DEMO_CONFIG, {"proposals.label.pixel_rule": "mask"}))
+    assert by_mask["proposals_r1"] != base["proposals_r1"] and by_mask["data"] == base["data"]
+    protos = versions(load_config(DEMO_CONFIG, {"distill.head_init.mode": "prototypes"}))
+    assert protos["distill_r1"] != base["distill_r1"] and protos["ranking"] == base["ranking"]
+
+
 def test_select():
     planned = plan(load_config(DEMO_CONFIG, {"proposals.rounds": 2}))
     assert [p.name for p in select(planned, until="instances")] == ["data", "teacher", "instances"]

@@ -45,6 +45,9 @@ proposals = dict(
         # 50 % (its ImageNet-21K evaluation) left 63 % of each object unlabelled on Parts World and
         # halved the pseudo-parts' AR@10 (21.9 vs 32.9 at 0.9; BENCHMARKS.md, "the over-half filter")
         max_fraction=0.9,
+        # which query a pixel goes to: 'mask_score' (the paper: highest mask probability × score) or
+        # 'mask' (highest mask probability among the queries scoring above score_threshold)
+        pixel_rule='mask_score',
         shard_images=32,       # images per resumable labelling shard
     ),
 )

@@ -144,12 +144,15 @@ def candidates(
     min_fraction: float = 0.05,
     mask_threshold: float = 0.5,
     max_fraction: float = 1.0,
+    pixel_rule: str = "mask_score",
 ) -> ObjectCandidates:
     """The candidate part queries of one object (§4.3).
 
     Every object pixel ``x`` goes to ``argmax_i M_i(x) s_i`` among the queries with
     ``M_i(x) > mask_threshold`` (ties: lowest query index); pixels where no query passes stay
-    unassigned. A query is a candidate when ``s_i > score_threshold`` and its pixels cover at
+    unassigned. ``pixel_rule='mask'``: only the queries scoring above ``score_threshold``
+    compete, by ``M_i(x)`` alone (the score does not favour the confident, often object-sized,
+    queries; pixels none of them covers stay unassigned). A query is a candidate when ``s_i > score_threshold`` and its pixels cover at
     least ``min_fraction`` of the object's area (and at least one pixel), and at most
     ``max_fraction`` of it (the paper's self-training drops parts over half their object: a
     query that takes the whole object is an object, not a part).
@@ -176,6 +179,15 @@ def candidates(
     if q == 0 or area == 0:
         return _no_candidates(label_map)
 
+    if pixel_rule == "mask_score":
+        weight = s
+    elif pixel_rule == "mask":
+        # a query at or under the threshold gets weight 0: it can only win pixels that no scoring
+        # query covers, and is dropped below with them
+        weight = np.where(s > score_threshold, np.float32(1), np.float32(0))
+    else:
+        raise ValueError(f"pixel_rule must be 'mask_score' or 'mask', got {pixel_rule!r}")
+
     # Score only the object's bounding box, a few rows at a time.
     ys, xs = np.nonzero(obj)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
@@ -185,7 +197,7 @@ def candidates(
         block = m[:, r:min(r + rows, y1), x0:x1]
         passing = block > mask_threshold
         # Confidences are >= 0, so -1 marks "mask below threshold" and never wins.
-        conf = np.where(passing, block * s[:, None, None], np.float32(-1))
+        conf = np.where(passing, block * weight[:, None, None], np.float32(-1))
         win = conf.argmax(0)  # first maximum: ties go to the lowest query index
         win[~passing.any(0)] = -1
         winner[r - y0:r - y0 + block.shape[1]] = win

@@ -181,6 +181,7 @@ def label_image(
     mask_threshold: float = 0.5,
     min_fraction: float = 0.05,
     max_fraction: float = 1.0,
+    pixel_rule: str = "mask_score",
 ) -> list[list[tuple[int, np.ndarray]]]:
     """Pseudo-parts of one image's objects.
 
@@ -190,7 +191,9 @@ def label_image(
     to its most confident one (argmax of mask × score among queries whose mask covers it); a
     query scoring at most ``score_threshold`` or covering under ``min_fraction`` of the object
     is dropped, and so is one covering more than ``max_fraction`` of it
-    (:func:`~partdistill.models.ranking.candidates`). Segments are disjoint and inside the object."""
+    (:func:`~partdistill.models.ranking.candidates`; ``pixel_rule='mask'``: the pixel goes to the
+    query of highest mask probability among those scoring above the threshold). Segments are
+    disjoint and inside the object."""
     from partdistill.models.ranking import associate, candidates
 
     out: list[list[tuple[int, np.ndarray]]] = [[] for _ in objects]
@@ -202,7 +205,8 @@ def label_image(
         if len(mine) == 0:
             continue
         found = candidates(masks[mine], scores[mine], omask, score_threshold=score_threshold,
-                           min_fraction=min_fraction, mask_threshold=mask_threshold, max_fraction=max_fraction)
+                           min_fraction=min_fraction, mask_threshold=mask_threshold, max_fraction=max_fraction,
+                           pixel_rule=pixel_rule)
         out[o] = [(int(mine[q]), seg) for q, seg in zip(found.queries, found.segments, strict=True)]
     return out
 
@@ -233,7 +237,7 @@ def proposal_labeller(cfg: Mapping[str, Any]) -> Callable[[Mapping[str, Any], Ma
         feats = pred["query_features"].cpu().numpy()
         rows = []
         found = label_image(masks, scores, objects, lab["score_threshold"], lab["mask_threshold"], lab["min_fraction"],
-                            lab.get("max_fraction", 1.0))
+                            lab.get("max_fraction", 1.0), lab.get("pixel_rule", "mask_score"))
         for inst, parts in zip(item["instances"], found, strict=True):
             for q, seg in parts:
                 rows.append({"instance_id": int(inst["instance_id"]), "image_id": int(item["image_id"]),
@@ -616,5 +620,13 @@ def _rounds(section: dict[str, Any]) -> int:
     return section["rounds"]
 
 
+def _relevant(section: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    # the paper's pixel rule is the default: a store made before label.pixel_rule existed keeps its version
+    label = section.get("label")
+    if isinstance(label, dict) and label.get("pixel_rule", "mask_score") == "mask_score":
+        section = {**section, "label": {k: v for k, v in label.items() if k != "pixel_rule"}}
+    return section
+
+
 STAGE = Stage("proposals", ("data", "teacher", "instances", "mining"), "2", run, summary="part decoder",
-              rounds=_rounds, round_keys=("rounds",), later_round_keys=("carry_over_iou",))
+              rounds=_rounds, round_keys=("rounds",), later_round_keys=("carry_over_iou",), relevant=_relevant)

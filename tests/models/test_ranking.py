@@ -208,6 +208,32 @@ def test_candidates_pixel_winners_and_thresholds():
     assert (dropped.label_map[2:6, 2:5] == -1).all()
 
 
+def test_candidates_mask_pixel_rule():
+    """'mask': among the queries scoring above the threshold, the surest mask takes the pixel,
+    however confident the other query is that it is a part."""
+    obj = np.zeros((4, 6), bool)
+    obj[:, :] = True
+    m = np.zeros((3, 4, 6), np.float32)
+    m[0] = 0.6                       # q0: the whole object, unsure everywhere, high score
+    m[1, :, :3] = 0.9                # q1: the left half, sure, lower score
+    m[2, 0, :] = 0.95                # q2: the top row, surest, but scores under the threshold
+    s = np.array([0.9, 0.5, 0.2], np.float32)
+    paper = candidates(m, s, obj, score_threshold=0.3, min_fraction=0.0)
+    assert (paper.label_map == 0).all(), "M·s: 0.54 beats 0.45 and 0.19, so q0 takes the object"
+    by_mask = candidates(m, s, obj, score_threshold=0.3, min_fraction=0.0, pixel_rule="mask")
+    expected = np.zeros(obj.shape, int)
+    expected[:, :3] = 1
+    np.testing.assert_array_equal(by_mask.label_map, expected)  # q2 (score 0.2) takes no pixel
+    np.testing.assert_array_equal(by_mask.queries, [0, 1])
+    # a pixel only an unscored query covers stays unassigned under both rules
+    m2 = m.copy()
+    m2[:2, 3, 5] = 0.0
+    m2[2, 3, 5] = 0.9
+    assert candidates(m2, s, obj, score_threshold=0.3, min_fraction=0.0, pixel_rule="mask").label_map[3, 5] == -1
+    with pytest.raises(ValueError, match="pixel_rule"):
+        candidates(m, s, obj, pixel_rule="score")
+
+
 def test_candidates_chunked_torch_and_empty(monkeypatch):
     m, s, obj = candidate_scene()
     ref = candidates(m, s, obj)
