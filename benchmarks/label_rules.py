@@ -14,14 +14,17 @@ applies each rule to the same predictions:
   every instance pixel goes to its most confident query (mask × score) among all queries, and
   then queries scoring at most t, or winning under ``min_fraction`` / over ``max_fraction`` of
   the instance, are dropped, their pixels left unlabelled;
+- argmax of the mask alone (``proposals.label.pixel_rule='mask'``): the same, but the pixel goes
+  to the query of highest mask probability among those scoring above t;
 - filter, then argmax: the queries are filtered first (score > t, their own mask covering
   ``min_fraction``..``max_fraction`` of the instance), and only the survivors compete for pixels;
 - own masks + NMS: the survivors' own masks (overlapping), greedy non-maximum suppression at
   mask IoU 0.5, best score first.
 
 Scored like `proposal_rounds.py`'s rows: each rule's parts clipped to the GT object, AR@1/10 and
-"parts found" (IoU >= 0.5 with some top-10 part), parts per object, and the share of the instance
-the parts cover. Ground truth is only the yardstick. Writes ``OUT/table.md`` (also printed).
+"parts found" (IoU >= 0.5 with some top-10 part), parts per object, the share of the instance
+the parts cover, and NMI within object (the parts as a partition of the GT object). Ground truth
+is only the yardstick. Writes ``OUT/table.md`` (also printed).
 """
 
 from __future__ import annotations
@@ -66,12 +69,11 @@ def argmax_then_filter(t: float, min_f: float, max_f: float) -> Rule:
     return rule
 
 
-def argmax_power(gamma: float, t: float, min_f: float, max_f: float) -> Rule:
-    """The stage's rule with each pixel going to the query of highest mask × score**gamma
-    (gamma 1: the stage's; 0: the mask alone, the score only filters)."""
+def argmax_by_mask(t: float, min_f: float, max_f: float) -> Rule:
+    """The stage's rule with ``proposals.label.pixel_rule='mask'``: each pixel goes to the query of
+    highest mask probability among those scoring above t."""
     def rule(masks, scores, inst):
-        eff = np.where(scores > t, np.maximum(scores, 1e-6) ** gamma, 0.0)
-        found = label_image(masks, eff, [inst], 0.0, MASK, min_f, max_f)[0]
+        found = label_image(masks, scores, [inst], t, MASK, min_f, max_f, pixel_rule="mask")[0]
         return [seg for q, seg in sorted(found, key=lambda f: -scores[f[0]])]
     return rule
 
@@ -131,9 +133,9 @@ def rules() -> list[tuple[str, Rule]]:
         out.append((f"argmax, then filter (t={t}, max 0.5)", argmax_then_filter(t, 0.05, 0.5)))
     for f in (0.7, 0.9, 1.0):
         out.append((f"argmax, then filter (t=0.3, max {f})", argmax_then_filter(0.3, 0.05, f)))
-    for gamma in (0.5, 0.0):
-        out.append((f"argmax of mask × score^{gamma}, then filter (t=0.3, max 0.9)",
-                    argmax_power(gamma, 0.3, 0.05, 0.9)))
+    for f in (0.5, 0.9):
+        out.append((f"argmax of the mask alone (pixel_rule='mask'), then filter (t=0.3, max {f})",
+                    argmax_by_mask(0.3, 0.05, f)))
     for t in (0.3, 0.0):
         for f in (0.5, 0.7, 1.0):
             out.append((f"filter, then argmax (t={t}, max {f})", filter_then_argmax(t, 0.05, f)))
