@@ -4,10 +4,11 @@ The model is the proposals' PartModel with a class-conditioned head
 (:class:`~partdistill.models.part_decoder.ConditionedMask2FormerHead`): k part logits per object
 class plus no-object, limited per image to the classes of its objects. Round 1 trains on the
 `ranking` stage's labelled parts (label = class × k + cluster) and starts from the last
-`proposals` round's weights (everything but the class head); round n > 1 trains on round
-n − 1's labelled parts, starting from its weights. Training data, augmentation and filters are
-the proposals' (:mod:`partdistill.stages.proposals`); each round is its own artifact
-``distill_r{n}``.
+`proposals` round's weights (everything but the class head, which starts random, or with
+``head_init.mode='prototypes'`` as the ranking's nearest-prototype rule: :func:`prototype_head`);
+round n > 1 trains on round n − 1's labelled parts, starting from its weights. Training data,
+augmentation and filters are the proposals' (:mod:`partdistill.stages.proposals`); each round is
+its own artifact ``distill_r{n}``.
 
 Labelling (and prediction, :func:`object_parts`): for an object of class c, each query's score is
 its best probability among class c's k part logits and its cluster that logit's index; queries

@@ -167,8 +167,8 @@ _HUNG_RUNNER = """
 import os, signal, sys, time
 from partdistill.flows.serve import _BoundedInterrupt
 with _BoundedInterrupt(float(sys.argv[1]), [], lambda m: print(m, flush=True)):
-    print("serving", flush=True)
-    try:
+    try:  # "serving" inside the try: a Ctrl+C that lands just after it is still the runner's
+        print("serving", flush=True)
         time.sleep(30)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
