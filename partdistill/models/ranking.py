@@ -152,8 +152,9 @@ def candidates(
     ``M_i(x) > mask_threshold`` (ties: lowest query index); pixels where no query passes stay
     unassigned. ``pixel_rule='mask'``: only the queries scoring above ``score_threshold``
     compete, by ``M_i(x)`` alone (the score does not favour the confident, often object-sized,
-    queries; pixels none of them covers stay unassigned). A query is a candidate when ``s_i > score_threshold`` and its pixels cover at
-    least ``min_fraction`` of the object's area (and at least one pixel), and at most
+    queries; pixels none of them covers stay unassigned). A query is a candidate when
+    ``s_i > score_threshold`` and its pixels cover at least ``min_fraction`` of the object's
+    area (and at least one pixel), and at most
     ``max_fraction`` of it (the paper's self-training drops parts over half their object: a
     query that takes the whole object is an object, not a part).
 
