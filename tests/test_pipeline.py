@@ -50,15 +50,16 @@ def test_paper_defaults_of_new_keys_keep_old_versions():
     def versions(cfg):
         return {p.name: p.version for p in plan(cfg)}
 
-    cfg = load_config(DEMO_CONFIG)
+    cfg = load_config(DEMO_CONFIG, {"proposals.label.pixel_rule": "mask_score"})  # the demo sets 'mask'
     base = versions(cfg)
     without = {**cfg, "proposals": {**cfg["proposals"], "label": {k: v for k, v in cfg["proposals"]["label"].items()
                                                                    if k != "pixel_rule"}},
                "distill": {k: v for k, v in cfg["distill"].items() if k != "head_init"}}
     assert versions(without) == base
-    by_mask = versions(load_config(DEMO_CONFIG, {"proposals.label.pixel_rule": "mask"}))
+    by_mask = versions(load_config(DEMO_CONFIG))
     assert by_mask["proposals_r1"] != base["proposals_r1"] and by_mask["data"] == base["data"]
-    protos = versions(load_config(DEMO_CONFIG, {"distill.head_init.mode": "prototypes"}))
+    protos = versions(load_config(DEMO_CONFIG, {"proposals.label.pixel_rule": "mask_score",
+                                                "distill.head_init.mode": "prototypes"}))
     assert protos["distill_r1"] != base["distill_r1"] and protos["ranking"] == base["ranking"]
 
 
