@@ -62,18 +62,11 @@ MASK = 0.5
 Rule = Callable[[np.ndarray, np.ndarray, np.ndarray], list[np.ndarray]]
 
 
-def argmax_then_filter(t: float, min_f: float, max_f: float) -> Rule:
+def argmax_then_filter(t: float, min_f: float, max_f: float, pixel_rule: str = "mask_score") -> Rule:
+    """The stage's rule (:func:`label_image`); ``pixel_rule='mask'``: each pixel goes to the query
+    of highest mask probability among those scoring above t."""
     def rule(masks, scores, inst):
-        found = label_image(masks, scores, [inst], t, MASK, min_f, max_f)[0]
-        return [seg for q, seg in sorted(found, key=lambda f: -scores[f[0]])]
-    return rule
-
-
-def argmax_by_mask(t: float, min_f: float, max_f: float) -> Rule:
-    """The stage's rule with ``proposals.label.pixel_rule='mask'``: each pixel goes to the query of
-    highest mask probability among those scoring above t."""
-    def rule(masks, scores, inst):
-        found = label_image(masks, scores, [inst], t, MASK, min_f, max_f, pixel_rule="mask")[0]
+        found = label_image(masks, scores, [inst], t, MASK, min_f, max_f, pixel_rule=pixel_rule)[0]
         return [seg for q, seg in sorted(found, key=lambda f: -scores[f[0]])]
     return rule
 
@@ -135,7 +128,7 @@ def rules() -> list[tuple[str, Rule]]:
         out.append((f"argmax, then filter (t=0.3, max {f})", argmax_then_filter(0.3, 0.05, f)))
     for f in (0.5, 0.9):
         out.append((f"argmax of the mask alone (pixel_rule='mask'), then filter (t=0.3, max {f})",
-                    argmax_by_mask(0.3, 0.05, f)))
+                    argmax_then_filter(0.3, 0.05, f, pixel_rule="mask")))
     for t in (0.3, 0.0):
         for f in (0.5, 0.7, 1.0):
             out.append((f"filter, then argmax (t={t}, max {f})", filter_then_argmax(t, 0.05, f)))
